@@ -1,0 +1,5 @@
+"""``python -m fastproxy`` runs the command line."""
+
+from fastproxy.cli import main
+
+raise SystemExit(main())
