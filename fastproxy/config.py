@@ -94,8 +94,8 @@ class ListenerConfig:
     limits: Limits = field(default_factory=Limits)
     #: X-Forwarded-*/Forwarded/X-Request-Id from these peers are kept, otherwise replaced
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: remove X-Original-URL and the other override headers; None = only when fallback denies
-    strip_override_headers: bool = True
+    #: remove X-Original-URL and the other override headers; None = when the fallback denies
+    strip_override_headers: bool | None = None
     #: add an RFC 7239 ``Forwarded`` header
     forwarded_header: bool = False
     websocket_mode: WebSocketMode = WebSocketMode.VALIDATE
