@@ -23,8 +23,8 @@ class FastproxyError(Exception):
 class ConfigError(FastproxyError):
     """A configuration file or value is wrong.
 
-    ``str()`` gives ``<file>: <dotted location>: <what is wrong>`` plus an optional
-    ``(hint)``, e.g. ``fastproxy.toml: listeners.sdk.policy: unknown policy "x" (did you mean "y"?)``.
+    ``str()`` gives ``<file>: <dotted location>: <what is wrong>`` plus an optional ``(hint)``,
+    e.g. ``fastproxy.toml: listeners.sdk.policy: unknown policy, got "x" (did you mean "y"?)``.
     """
 
     def __init__(self, msg: str, *, where: str, source: str = "", hint: str | None = None) -> None:
@@ -58,8 +58,11 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not connect or answer in time."""
 
 
-class HaltServer(BaseException):  # noqa: N818 - named after gunicorn's, a control-flow signal
-    """Stop the master with ``exit_code``; a ``BaseException`` so ``except Exception`` cannot eat it."""
+class HaltServer(BaseException):
+    """Stop the master with ``exit_code``.
+
+    A ``BaseException``, so that no ``except Exception`` can swallow it (gunicorn's rule).
+    """
 
     def __init__(self, reason: str, exit_code: int = 1) -> None:
         self.reason = reason

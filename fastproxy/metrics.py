@@ -1,13 +1,142 @@
-"""Prometheus metrics, aggregated across workers (SKELETON: contract for the master)."""
+"""Prometheus metrics, aggregated across workers in one scrape.
+
+Imports ``errors`` only (and prometheus-client, lazily). Metric names start with ``fastproxy_``,
+use base units, and carry bounded labels only: listener, rule name, decision, status class,
+upstream, error kind, close code. Never a raw path.
+
+Theory of operation
+-------------------
+prometheus-client's multiprocess mode: every worker writes its values to memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR`` and the admin listener, served by whichever worker accepts the
+scrape, sums them with ``MultiProcessCollector``. The client library picks its value class when
+it is first imported, so nothing here imports it before ``prepare_multiproc_dir`` has set the
+directory; the master calls that before forking and never imports the collectors itself.
+
+On the hot path a request costs one dictionary lookup and one ``inc()`` on a child whose labels
+were resolved the first time that combination was seen.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+from fastproxy import __version__
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
 
 def prepare_multiproc_dir() -> str:
-    """Make ``PROMETHEUS_MULTIPROC_DIR`` exist and empty; called by the master before forking."""
-    raise NotImplementedError
+    """Make ``PROMETHEUS_MULTIPROC_DIR`` exist and empty; called by the master before forking.
+
+    When the variable is unset (no systemd ``RuntimeDirectory=``), a private temporary
+    directory is created for this master's lifetime.
+    """
+    path = os.environ.get(ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="fastproxy-metrics-")
+        os.environ[ENV] = path
+    os.makedirs(path, exist_ok=True)
+    for entry in os.listdir(path):
+        if entry.endswith(".db"):
+            os.unlink(os.path.join(path, entry))
+    return path
+
+
+def remove_multiproc_dir(path: str) -> None:
+    """Remove a directory made by ``prepare_multiproc_dir`` (only temporary ones)."""
+    if os.path.basename(path).startswith("fastproxy-metrics-"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:
     """Drop the live gauges of a reaped worker; called by the master after each reap."""
-    raise NotImplementedError
+    if not os.environ.get(ENV):
+        return
+    from prometheus_client import multiprocess
+
+    # prometheus-client leaves this function unannotated
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def status_class(status: int) -> str:
+    return _STATUS_CLASSES[status // 100] if 0 < status < 600 else "other"
+
+
+_STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class WorkerMetrics:
+    """The metrics one worker updates. Created in the worker, after the fork."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.requests = Counter(
+            "fastproxy_requests",
+            "Requests by listener, rule, decision and status class.",
+            ["listener", "rule", "decision", "status_class"],
+        )
+        self.connections = Gauge(
+            "fastproxy_active_connections",
+            "Open client connections.",
+            ["listener"],
+            multiprocess_mode="livesum",
+        )
+        self.websockets = Gauge(
+            "fastproxy_active_websockets",
+            "Open WebSocket tunnels.",
+            ["listener"],
+            multiprocess_mode="livesum",
+        )
+        self.websocket_closes = Counter(
+            "fastproxy_websocket_closes",
+            "WebSocket tunnels closed, by the close code the client sent or was sent.",
+            ["listener", "code"],
+        )
+        self.upstream_errors = Counter(
+            "fastproxy_upstream_errors",
+            "Upstream failures by kind.",
+            ["upstream", "kind"],
+        )
+        self.bytes_in = Counter(
+            "fastproxy_client_received_bytes", "Bytes received from clients.", ["listener"]
+        )
+        build = Gauge(
+            "fastproxy_build_info",
+            "Build information.",
+            ["version"],
+            multiprocess_mode="max",
+        )
+        build.labels(__version__).set(1)
+        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+
+    def count_request(self, listener: str, rule: str, decision: str, status: int) -> None:
+        key = (listener, rule, decision, status // 100)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(listener, rule, decision, status_class(status))
+            self._request_children[key] = child
+        child.inc()
+
+    def connection_gauge(self, listener: str) -> Gauge:
+        return self.connections.labels(listener)
+
+    def websocket_gauge(self, listener: str) -> Gauge:
+        return self.websockets.labels(listener)
+
+
+def render() -> bytes:
+    """The exposition text of every worker's metrics, summed."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated
+    data: bytes = generate_latest(registry)
+    return data

@@ -1,11 +1,956 @@
-"""One worker process (SKELETON: contract for the master)."""
+"""One worker process: a uvloop event loop serving every listener with callbacks.
+
+[I/O] Imports everything below it (errors, config, policy, headers, http1, wsrelay, upstream,
+metrics, admin). Runs only in a child forked by the master.
+
+Theory of operation
+-------------------
+``ClientProtocol`` is one client connection. Its life is a loop of cycles (one request and its
+response); no task is created per request, everything runs in transport callbacks:
+
+1. ``HEAD``: bytes accumulate in a ``HeadScanner`` until a whole, well-formed head is there.
+2. The head goes to a fresh ``ServerLeg`` (h11), the headers to ``headers.inspect_request`` and
+   the target to the listener's ``PrefixTable``. A local answer (403, 400, 405...) is written at
+   once; a forward takes an upstream connection from the pool (``UPSTREAM`` state).
+3. ``FORWARD``: request body events are written to the upstream as they are parsed, response
+   events to the client as they arrive. Each side's ``pause_writing`` pauses reading on the
+   other, so a slow peer holds back the fast one instead of filling memory.
+4. When both messages are complete the upstream connection returns to the pool and the unread
+   client bytes go back to the scanner: pipelined requests are answered in order.
+5. ``TUNNEL``: after a checked 101, ``wsrelay`` carries WebSocket frames both ways.
+
+Every timer is owned here (``loop.call_later``); the pure modules never read a clock.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import logging
+import os
+import signal
 import socket
+import time
 from collections.abc import Mapping
 
-from fastproxy.config import Config
+import orjson
+
+from fastproxy import admin
+from fastproxy.config import Config, ListenerConfig, Mode, WebSocketMode
+from fastproxy.headers import (
+    RequestInfo,
+    RequestRefused,
+    check_websocket_handshake,
+    inspect_request,
+    response_headers,
+    same_authority,
+    trusted_request_id,
+    upstream_headers,
+)
+from fastproxy.http1 import Ev, HeadScanner, RequestHead, ResponseHead, ServerLeg, UpstreamBroken
+from fastproxy.metrics import WorkerMetrics
+from fastproxy.policy import Action, Decision, PrefixTable, Refusal
+from fastproxy.upstream import UpstreamPool, UpstreamProtocol
+from fastproxy.wsrelay import RelayOutput, WebSocketRelay, upgrade_accepted
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("fastproxy.access")
+
+HEARTBEAT_INTERVAL_S = 1.0
+WRITE_HIGH_WATER_BYTES = 256 * 1024
+#: pipelined bytes buffered beyond the request in progress before reading pauses
+MAX_BUFFERED_BYTES = 256 * 1024
+
+_REASONS = {
+    204: b"No Content",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class State(enum.Enum):
+    #: waiting for (or scanning) the next request head
+    HEAD = "head"
+    #: a forward is waiting for an upstream connection
+    UPSTREAM = "upstream"
+    #: request and response are streaming
+    FORWARD = "forward"
+    #: WebSocket frames are relayed
+    TUNNEL = "tunnel"
+    #: the connection is closing; input is ignored
+    CLOSED = "closed"
+
+
+class Listener:
+    """What one listener needs at run time: config, compiled table, counters."""
+
+    __slots__ = (
+        "config",
+        "conn_gauge",
+        "connections",
+        "name",
+        "per_client",
+        "pools",
+        "strip_override",
+        "table",
+        "ws_gauge",
+    )
+
+    def __init__(
+        self, config: ListenerConfig, pools: Mapping[str, UpstreamPool], metrics: WorkerMetrics
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.table = PrefixTable(config.rules, config.fallback)
+        self.pools = pools
+        strip = config.strip_override_headers
+        self.strip_override = config.fallback.action is Action.DENY if strip is None else strip
+        self.connections: set[ClientProtocol] = set()
+        self.per_client: dict[str, int] = {}
+        self.conn_gauge = metrics.connection_gauge(config.name)
+        self.ws_gauge = metrics.websocket_gauge(config.name)
+
+
+class WorkerState:
+    """Shared by every connection of the worker."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.metrics = WorkerMetrics()
+        self.pools = {name: UpstreamPool(u, loop) for name, u in config.upstreams.items()}
+        self.listeners = {
+            name: Listener(lc, self.pools, self.metrics) for name, lc in config.listeners.items()
+        }
+        self.draining = False
+        self._rid_prefix = os.urandom(6).hex().encode()
+        self._rid_counter = 0
+
+    def next_request_id(self) -> bytes:
+        self._rid_counter += 1
+        return b"%s%08x" % (self._rid_prefix, self._rid_counter)
+
+
+def error_body(code: str, request_id: bytes) -> bytes:
+    return orjson.dumps({"error": code, "request_id": request_id.decode("ascii")})
+
+
+class Cycle:
+    """One request/response exchange on a client connection."""
+
+    __slots__ = (
+        "body_bytes",
+        "decision",
+        "head",
+        "info",
+        "leg",
+        "request_done",
+        "request_id",
+        "response_done",
+        "response_started",
+        "retried",
+        "sent_head",
+        "start",
+        "status",
+        "upstream",
+        "upstream_name",
+        "verdict",
+        "websocket",
+    )
+
+    def __init__(self, leg: ServerLeg, head: RequestHead, start: float) -> None:
+        self.leg = leg
+        self.head = head
+        self.start = start
+        self.info: RequestInfo | None = None
+        self.decision: Decision | None = None
+        self.request_id = b""
+        self.verdict = "reject"
+        self.status = 0
+        self.upstream: UpstreamProtocol | None = None
+        self.upstream_name = ""
+        self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
+        self.body_bytes = 0
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.websocket = False
+        self.retried = False
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection on one listener."""
+
+    __slots__ = (
+        "client_ip",
+        "client_write_blocked",
+        "cycle",
+        "last_ws_activity",
+        "listener",
+        "peer",
+        "read_paused",
+        "relay",
+        "scanner",
+        "state",
+        "timer",
+        "transport",
+        "trusted",
+        "tunnel_upstream",
+        "upstream_write_blocked",
+        "worker",
+        "ws_started",
+    )
+
+    def __init__(self, worker: WorkerState, listener: Listener) -> None:
+        limits = listener.config.limits
+        self.worker = worker
+        self.listener = listener
+        self.scanner = HeadScanner(limits.max_head_bytes, limits.max_headers, limits.max_uri_bytes)
+        self.state = State.HEAD
+        self.cycle: Cycle | None = None
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.peer = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.read_paused = False
+        self.upstream_write_blocked = False
+        self.client_write_blocked = False
+        self.trusted = False
+        self.last_ws_activity = 0.0
+        self.relay: WebSocketRelay | None = None
+        self.tunnel_upstream: UpstreamProtocol | None = None
+        self.ws_started = 0.0
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        listener = self.listener
+        limits = listener.config.limits
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.peer = self.client_ip.encode()
+        self.trusted = self._is_trusted()
+        count = listener.per_client.get(self.client_ip, 0) + 1
+        listener.per_client[self.client_ip] = count
+        listener.connections.add(self)
+        listener.conn_gauge.inc()
+        if len(listener.connections) > limits.max_connections or (
+            limits.max_connections_per_client and count > limits.max_connections_per_client
+        ):
+            self.state = State.CLOSED
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        self._arm(limits.header_timeout_s, self._on_head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state is State.HEAD:
+            if len(self.scanner) == 0 and self.cycle is None:
+                # the first byte of a head: the header timeout replaces the keep-alive one
+                self._arm(self.listener.config.limits.header_timeout_s, self._on_head_timeout)
+            self.scanner.feed(data)
+            self._process()
+        elif state is State.FORWARD or state is State.UPSTREAM:
+            cycle = self.cycle
+            assert cycle is not None
+            cycle.leg.feed(data)
+            if state is State.FORWARD:
+                self._pump_request()
+            self._update_reading()
+        elif state is State.TUNNEL:
+            self._tunnel_from_client(data)
+
+    def eof_received(self) -> bool | None:
+        if self.state is State.TUNNEL and self.relay is None and self.tunnel_upstream is not None:
+            self.tunnel_upstream.close()
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        listener = self.listener
+        listener.connections.discard(self)
+        listener.conn_gauge.dec()
+        ip = self.client_ip
+        left = listener.per_client.get(ip, 1) - 1
+        if left:
+            listener.per_client[ip] = left
+        else:
+            listener.per_client.pop(ip, None)
+        self._cancel_timer()
+        previous = self.state
+        self.state = State.CLOSED
+        cycle = self.cycle
+        if cycle is not None and cycle.upstream is not None:
+            self._drop_upstream(cycle)
+            if not cycle.response_done:
+                self._finish_metrics(cycle, 499 if not cycle.status else cycle.status)
+        if previous is State.TUNNEL:
+            self._end_tunnel(None)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.client_write_blocked = True
+        cycle = self.cycle
+        if cycle is not None and cycle.upstream is not None and cycle.upstream.transport:
+            cycle.upstream.transport.pause_reading()
+        elif self.tunnel_upstream is not None and self.tunnel_upstream.transport:
+            self.tunnel_upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_write_blocked = False
+        cycle = self.cycle
+        if cycle is not None and cycle.upstream is not None and cycle.upstream.transport:
+            cycle.upstream.transport.resume_reading()
+        elif self.tunnel_upstream is not None and self.tunnel_upstream.transport:
+            self.tunnel_upstream.transport.resume_reading()
+
+    # ---------------------------------------------------------------- timers
+
+    def _arm(self, delay: float, callback: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.worker.loop.call_later(delay, callback)  # type: ignore[arg-type]  # a bound method of ours
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_head_timeout(self) -> None:
+        """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
+        self.timer = None
+        if self.state is not State.HEAD:
+            return
+        if len(self.scanner) == 0:
+            self._close()  # an idle connection: close quietly, as nginx does
+            return
+        self._local_reply_raw(408, "header_timeout")
+
+    def _on_upstream_timeout(self) -> None:
+        self.timer = None
+        cycle = self.cycle
+        if cycle is None or self.state is not State.FORWARD or cycle.response_started:
+            return
+        self._upstream_failed(cycle, "upstream_timeout", 504)
+
+    # ---------------------------------------------------------------- reading control
+
+    def _update_reading(self) -> None:
+        """Read from the client only while its bytes can go somewhere.
+
+        Paused while the upstream cannot take more, while waiting for an upstream connection,
+        and once the request is complete (bytes after it are pipelined requests: they wait in
+        the kernel until this cycle ends, so buffering stays bounded).
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        cycle = self.cycle
+        want_pause = self.upstream_write_blocked or (
+            cycle is not None and (self.state is State.UPSTREAM or cycle.request_done)
+        )
+        if want_pause and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not want_pause and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+    def on_upstream_pause_writing(self) -> None:
+        self.upstream_write_blocked = True
+        self._update_reading()
+
+    def on_upstream_resume_writing(self) -> None:
+        self.upstream_write_blocked = False
+        self._update_reading()
+
+    # ---------------------------------------------------------------- request cycle
+
+    def _process(self) -> None:
+        """Start as many cycles as the buffered bytes allow (pipelining, answered in order)."""
+        while self.state is State.HEAD:
+            try:
+                taken = self.scanner.maybe_take_head()
+            except RequestRefused as refused:
+                self._local_reply_raw(refused.status, refused.code)
+                return
+            if taken is None:
+                return
+            head_bytes, rest = taken
+            leg = ServerLeg(self.listener.config.limits.max_head_bytes)
+            leg.feed(head_bytes)
+            if rest:
+                leg.feed(rest)
+            try:
+                event = leg.next_event()
+            except RequestRefused as refused:
+                self._local_reply_raw(refused.status, refused.code)
+                return
+            assert isinstance(event, RequestHead)
+            self._cancel_timer()
+            cycle = Cycle(leg, event, time.monotonic())
+            self.cycle = cycle
+            self._start(cycle)
+
+    def _start(self, cycle: Cycle) -> None:
+        head = cycle.head
+        listener = self.listener
+        lconf = listener.config
+        try:
+            info = inspect_request(head.headers)
+        except RequestRefused as refused:
+            cycle.request_id = self.worker.next_request_id()
+            self._local_reply(cycle, refused.status, refused.code, close=True)
+            return
+        cycle.info = info
+        trusted = self.trusted
+        cycle.request_id = (
+            info.request_id
+            if trusted and trusted_request_id(info.request_id) and info.request_id is not None
+            else self.worker.next_request_id()
+        )
+        if head.method in lconf.refused_methods:
+            self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
+            return
+        decision = listener.table.decide(head.target)
+        cycle.decision = decision
+        if decision.refusal is not None:
+            if decision.refusal is Refusal.ASTERISK_FORM and head.method == b"OPTIONS":
+                cycle.verdict = "local"
+                self._local_reply(cycle, 204, "", close=info.has_body)
+                return
+            self._local_reply(cycle, 400, decision.refusal.value, close=True)
+            return
+        if decision.authority is not None and (
+            info.host is None or not same_authority(decision.authority, info.host, b"80")
+        ):
+            self._local_reply(cycle, 400, "bad_host", close=True)
+            return
+        rule = decision.rule
+        action = rule.action
+        if info.upgrade:
+            if info.upgrade != (b"websocket",):
+                self._local_reply(cycle, 400, "unsupported_upgrade", close=True)
+                return
+            if action is not Action.WEBSOCKET:
+                cycle.verdict = "deny"
+                self._local_reply(cycle, 403, "upgrade_forbidden", close=True)
+                return
+            try:
+                check_websocket_handshake(head.method, head.http_version, info)
+            except RequestRefused as refused:
+                self._local_reply(cycle, refused.status, refused.code, close=True)
+                return
+            cycle.websocket = True
+        if action is Action.DENY:
+            if lconf.mode is Mode.REPORT:
+                cycle.verdict = "would_deny"
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "would deny %r on listener %s (report mode)",
+                        decision.path[:200],
+                        listener.name,
+                        extra={"listener": listener.name, "decision": "would_deny"},
+                    )
+            else:
+                cycle.verdict = "deny"
+                self._local_reply(cycle, 403, "forbidden", close=info.has_body)
+                return
+        else:
+            cycle.verdict = action.value
+        if info.content_length is not None and info.content_length > rule.max_body_bytes:
+            self._local_reply(cycle, 413, "body_too_large", close=True)
+            return
+        upstream_name = rule.upstream or lconf.upstream
+        cycle.upstream_name = upstream_name
+        host = info.host
+        if host is None:
+            server = listener.pools[upstream_name].servers[0]
+            host = server.label.encode()
+        headers = upstream_headers(
+            head.headers,
+            info,
+            host=host,
+            client_ip=self.peer,
+            trusted=trusted,
+            proto=b"http",
+            request_id=cycle.request_id,
+            strip_override=listener.strip_override,
+            websocket=cycle.websocket,
+            forwarded=lconf.forwarded_header,
+        )
+        cycle.sent_head = (head.method, decision.target, headers)
+        self._acquire(cycle, fresh=False)
+
+    def _is_trusted(self) -> bool:
+        networks = self.listener.config.trusted_proxies
+        if not networks:
+            return False
+        try:
+            address = ipaddress.ip_address(self.client_ip)
+        except ValueError:
+            return False
+        return any(address in net for net in networks)
+
+    def _acquire(self, cycle: Cycle, *, fresh: bool) -> None:
+        self.state = State.UPSTREAM
+        pool = self.listener.pools[cycle.upstream_name]
+        conn = pool.acquire(self, fresh=fresh)
+        if conn is not None:
+            self.on_upstream_ready(conn)
+        else:
+            self._update_reading()
+
+    # ---------------------------------------------------------------- upstream callbacks
+
+    def on_upstream_ready(self, conn: UpstreamProtocol) -> None:
+        cycle = self.cycle
+        if self.state is not State.UPSTREAM or cycle is None or cycle.sent_head is None:
+            # the client went away while we were connecting
+            conn.server.pool.release(conn)
+            return
+        cycle.upstream = conn
+        self.state = State.FORWARD
+        if self.client_write_blocked and conn.transport is not None:
+            conn.transport.pause_reading()
+        method, target, headers = cycle.sent_head
+        conn.write(conn.leg.request(method, target, headers))
+        self._pump_request()
+        if self.state is State.FORWARD:
+            self._update_reading()
+
+    def on_upstream_failed(self, code: str) -> None:
+        cycle = self.cycle
+        if self.state is not State.UPSTREAM or cycle is None:
+            return
+        self.worker.metrics.upstream_errors.labels(cycle.upstream_name, code).inc()
+        self._local_reply(cycle, 504 if code == "upstream_timeout" else 502, code, close=True)
+
+    def on_upstream_data(self, data: bytes) -> None:
+        if self.state is State.TUNNEL:
+            self._tunnel_from_upstream(data)
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.upstream is None:
+            return
+        if data:
+            cycle.upstream.leg.feed(data)
+        self._pump_response(cycle)
+
+    def on_upstream_lost(self) -> None:
+        if self.state is State.TUNNEL:
+            self._end_tunnel(None)
+            self._close()
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.upstream is None or self.state is not State.FORWARD:
+            return
+        conn = cycle.upstream
+        conn.leg.feed_eof()
+        self._pump_response(cycle)
+        if cycle.response_done or self.state is not State.FORWARD:
+            return
+        # The upstream closed before a complete response.
+        self._drop_upstream(cycle)
+        if (
+            not cycle.response_started
+            and conn.reused
+            and not cycle.retried
+            and cycle.info is not None
+            and not cycle.info.has_body
+        ):
+            # a keep-alive connection the backend closed while idle: retry once on a new one
+            cycle.retried = True
+            self._acquire(cycle, fresh=True)
+            return
+        self._upstream_failed(cycle, "upstream_failed", 502)
+
+    def _upstream_failed(self, cycle: Cycle, code: str, status: int) -> None:
+        self.worker.metrics.upstream_errors.labels(cycle.upstream_name, code).inc()
+        if cycle.upstream is not None:
+            self._drop_upstream(cycle)
+        if cycle.response_started:
+            self._finish_metrics(cycle, cycle.status)
+            self._close(abort=True)
+        else:
+            self._local_reply(cycle, status, code, close=True)
+
+    def _drop_upstream(self, cycle: Cycle) -> None:
+        conn = cycle.upstream
+        cycle.upstream = None
+        if conn is not None:
+            conn.server.pool.discard(conn)
+
+    # ---------------------------------------------------------------- streaming
+
+    def _pump_request(self) -> None:
+        """Move parsed request body events from the client to the upstream."""
+        cycle = self.cycle
+        assert cycle is not None
+        conn = cycle.upstream
+        if conn is None or cycle.request_done:
+            return
+        leg = cycle.leg
+        limit = cycle.decision.rule.max_body_bytes if cycle.decision else 0
+        while True:
+            try:
+                event = leg.next_event()
+            except RequestRefused as refused:
+                self._drop_upstream(cycle)
+                if cycle.response_started:
+                    self._close(abort=True)
+                else:
+                    self._local_reply(cycle, refused.status, refused.code, close=True)
+                return
+            if type(event) is bytes:
+                cycle.body_bytes += len(event)
+                if cycle.body_bytes > limit:
+                    self._drop_upstream(cycle)
+                    if cycle.response_started:
+                        self._close(abort=True)
+                    else:
+                        self._local_reply(cycle, 413, "body_too_large", close=True)
+                    return
+                conn.writelines(conn.leg.body(event))
+            elif event is Ev.END:
+                conn.write(conn.leg.end())
+                cycle.request_done = True
+                if not cycle.response_started:
+                    upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
+                    self._arm(upstream_conf.first_byte_timeout_s, self._on_upstream_timeout)
+                if cycle.response_done:
+                    self._finish_cycle(cycle)
+                return
+            else:
+                return  # NEED_DATA or PAUSED
+
+    def _pump_response(self, cycle: Cycle) -> None:
+        """Move parsed response events from the upstream to the client."""
+        conn = cycle.upstream
+        transport = self.transport
+        if conn is None:
+            return
+        leg = conn.leg
+        while True:
+            try:
+                event = leg.next_event()
+            except UpstreamBroken as broken:
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("upstream %s broke: %s", cycle.upstream_name, broken)
+                self._upstream_failed(cycle, "upstream_failed", 502)
+                return
+            if type(event) is bytes:
+                if transport is not None:
+                    transport.writelines(cycle.leg.body(event))
+            elif type(event) is ResponseHead:
+                if self._on_response_head(cycle, event):
+                    return
+            elif event is Ev.END:
+                if transport is not None:
+                    transport.write(cycle.leg.end())
+                cycle.response_done = True
+                if cycle.request_done:
+                    self._finish_cycle(cycle)
+                else:
+                    # the upstream answered before the request body ended: the rest of the
+                    # body cannot be resynchronised, so this connection ends here
+                    self._finish_metrics(cycle, cycle.status)
+                    self._drop_upstream(cycle)
+                    self._close()
+                return
+            elif event is Ev.SWITCHED:
+                return
+            else:
+                return  # NEED_DATA / PAUSED
+
+    def _on_response_head(self, cycle: Cycle, event: ResponseHead) -> bool:
+        """Relay a response head; return True when the cycle left the streaming loop."""
+        transport = self.transport
+        status = event.status
+        if status == 101:
+            return self._on_switch(cycle, event)
+        if status < 200:
+            if status == 100 and transport is not None and not cycle.request_done:
+                headers = response_headers(event.headers, request_id=cycle.request_id)
+                transport.write(cycle.leg.response_head(100, headers, event.reason))
+            return False
+        self._cancel_timer()
+        cycle.status = status
+        cycle.response_started = True
+        headers = response_headers(event.headers, request_id=cycle.request_id)
+        if self.worker.draining:
+            headers.append((b"Connection", b"close"))
+        if transport is not None:
+            try:
+                transport.write(cycle.leg.response_head(status, headers, event.reason))
+            except UpstreamBroken:  # a head h11 cannot relay to this client
+                self._upstream_failed(cycle, "upstream_failed", 502)
+                return True
+        return False
+
+    def _on_switch(self, cycle: Cycle, event: ResponseHead) -> bool:
+        conn = cycle.upstream
+        info = cycle.info
+        assert conn is not None and info is not None
+        if (
+            not cycle.websocket
+            or info.ws_key is None
+            or not upgrade_accepted(info.ws_key, event.headers)
+        ):
+            self._upstream_failed(cycle, "upstream_failed", 502)
+            return True
+        self._cancel_timer()
+        cycle.status = 101
+        cycle.response_started = True
+        headers = response_headers(event.headers, request_id=cycle.request_id, keep_upgrade=True)
+        transport = self.transport
+        assert transport is not None
+        transport.write(cycle.leg.response_head(101, headers, event.reason))
+        client_rest = cycle.leg.trailing
+        upstream_rest = conn.leg.trailing
+        self._finish_metrics(cycle, 101)
+        cycle.upstream = None
+        self.cycle = None
+        self.state = State.TUNNEL
+        self.tunnel_upstream = conn
+        self.ws_started = time.monotonic()
+        self.listener.ws_gauge.inc()
+        limits = self.listener.config.limits
+        if self.listener.config.websocket_mode is WebSocketMode.VALIDATE:
+            self.relay = WebSocketRelay(limits.ws_max_message_bytes)
+        self._update_reading_tunnel()
+        self._arm(limits.ws_ping_interval_s, self._on_ws_tick)
+        self.last_ws_activity = time.monotonic()
+        if upstream_rest:
+            self._tunnel_from_upstream(upstream_rest)
+        if client_rest and self.state is State.TUNNEL:
+            self._tunnel_from_client(client_rest)
+        return True
+
+    def _finish_cycle(self, cycle: Cycle) -> None:
+        """Both messages are complete: recycle the upstream, then read the next request."""
+        self._cancel_timer()
+        conn = cycle.upstream
+        cycle.upstream = None
+        if conn is not None:
+            conn.server.pool.release(conn)
+        self._finish_metrics(cycle, cycle.status)
+        self._next_cycle(cycle)
+
+    def _next_cycle(self, cycle: Cycle) -> None:
+        self.cycle = None
+        if self.transport is None or self.state is State.CLOSED:
+            return
+        if not cycle.leg.keep_alive or self.worker.draining:
+            self._close()
+            return
+        self._read_next(cycle)
+        self.worker.loop.call_soon(self._process)
+
+    def _read_next(self, cycle: Cycle) -> None:
+        """Hand the bytes after ``cycle`` back to the scanner and wait for the next head."""
+        rest = cycle.leg.trailing
+        self.state = State.HEAD
+        if rest:
+            self.scanner.feed(rest)
+        limits = self.listener.config.limits
+        if len(self.scanner):
+            self._arm(limits.header_timeout_s, self._on_head_timeout)
+        else:
+            self._arm(limits.keepalive_timeout_s, self._on_head_timeout)
+        self._update_reading()
+
+    def _finish_metrics(self, cycle: Cycle, status: int) -> None:
+        rule = cycle.decision.rule.name if cycle.decision is not None else "-"
+        self.worker.metrics.count_request(self.listener.name, rule, cycle.verdict, status)
+        if access_logger.isEnabledFor(logging.INFO):
+            self._access_log(cycle, status)
+
+    def _access_log(self, cycle: Cycle, status: int) -> None:
+        decision = cycle.decision
+        access_logger.info(
+            "access",
+            extra={
+                "request_id": cycle.request_id.decode("ascii", "replace"),
+                "client_ip": self.client_ip,
+                "method": cycle.head.method.decode("ascii", "replace"),
+                "path": (decision.path if decision else b"").decode("ascii", "replace"),
+                "listener": self.listener.name,
+                "rule": decision.rule.name if decision else "-",
+                "decision": cycle.verdict,
+                "status": status,
+                "dur_ms": round((time.monotonic() - cycle.start) * 1000, 3),
+                "upstream": cycle.upstream_name,
+            },
+        )
+
+    # ---------------------------------------------------------------- local replies
+
+    def _local_reply(self, cycle: Cycle, status: int, code: str, *, close: bool) -> None:
+        """Answer ``cycle`` ourselves with a small JSON body; never echoes client input."""
+        if cycle.upstream is not None:
+            self._drop_upstream(cycle)
+        cycle.status = status
+        if cycle.verdict in ("forward", "rewrite", "websocket"):
+            cycle.verdict = "error"
+        if not close:
+            # the request has no body; read its end so the next request can follow
+            try:
+                event = cycle.leg.next_event()
+            except RequestRefused:
+                close = True
+            else:
+                close = event is not Ev.END and event is not Ev.PAUSED
+        if cycle.leg.response_started:
+            self._finish_metrics(cycle, status)
+            self._close(abort=True)
+            return
+        head_only = cycle.head.method == b"HEAD"
+        self._write_reply(status, code, cycle.request_id, close=close, head_only=head_only)
+        self._finish_metrics(cycle, status)
+        self.cycle = None
+        if close:
+            self._close()
+            return
+        self._read_next(cycle)
+
+    def _local_reply_raw(self, status: int, code: str) -> None:
+        """Answer a request that never parsed, then close."""
+        self._cancel_timer()
+        request_id = self.worker.next_request_id()
+        self._write_reply(status, code, request_id, close=True, head_only=False)
+        self.worker.metrics.count_request(self.listener.name, "-", "reject", status)
+        self._close()
+
+    def _write_reply(
+        self, status: int, code: str, request_id: bytes, *, close: bool, head_only: bool
+    ) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        body = error_body(code, request_id) if code else b""
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+            status,
+            _REASONS.get(status, b""),
+            len(body),
+        )
+        head += b"X-Request-Id: %s\r\n" % request_id
+        if close:
+            head += b"Connection: close\r\n"
+        transport.write(head + b"\r\n" if head_only else head + b"\r\n" + body)
+
+    def _close(self, *, abort: bool = False) -> None:
+        self._cancel_timer()
+        self.state = State.CLOSED
+        transport = self.transport
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    # ---------------------------------------------------------------- WebSocket tunnel
+
+    def _update_reading_tunnel(self) -> None:
+        transport = self.transport
+        if transport is not None and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        conn = self.tunnel_upstream
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    def _tunnel_from_client(self, data: bytes) -> None:
+        conn = self.tunnel_upstream
+        if conn is None:
+            return
+        self.last_ws_activity = time.monotonic()
+        relay = self.relay
+        if relay is None:
+            conn.write(data)
+            return
+        self._apply(relay.from_client(data))
+
+    def _tunnel_from_upstream(self, data: bytes) -> None:
+        if not data:
+            return
+        self.last_ws_activity = time.monotonic()
+        relay = self.relay
+        if relay is None:
+            if self.transport is not None:
+                self.transport.write(data)
+            return
+        self._apply(relay.from_upstream(data))
+
+    def _apply(self, out: RelayOutput) -> None:
+        conn = self.tunnel_upstream
+        if out.to_upstream and conn is not None:
+            conn.writelines(out.to_upstream)
+        if out.to_client and self.transport is not None:
+            self.transport.writelines(out.to_client)
+        if out.client_close_code is not None:
+            self.worker.metrics.websocket_closes.labels(
+                self.listener.name, str(out.client_close_code)
+            ).inc()
+        if out.done:
+            self._end_tunnel(None)
+            self._close()
+
+    def _on_ws_tick(self) -> None:
+        self.timer = None
+        if self.state is not State.TUNNEL:
+            return
+        limits = self.listener.config.limits
+        idle = time.monotonic() - self.last_ws_activity
+        if idle >= limits.ws_idle_timeout_s:
+            if self.relay is not None:
+                self._apply(self.relay.going_away())
+            else:
+                self._end_tunnel(None)
+                self._close()
+            return
+        if self.relay is not None and idle >= limits.ws_ping_interval_s * 0.9:
+            ping = self.relay.ping_client()
+            if ping and self.transport is not None:
+                self.transport.write(ping)
+        self._arm(limits.ws_ping_interval_s, self._on_ws_tick)
+
+    def _end_tunnel(self, code: int | None) -> None:
+        conn = self.tunnel_upstream
+        if conn is None:
+            return
+        self.tunnel_upstream = None
+        self.listener.ws_gauge.dec()
+        conn.server.pool.discard(conn)
+
+    def go_away(self) -> None:
+        """Shutdown: close an idle connection now, a tunnel with 1001, others after the reply."""
+        if self.state is State.HEAD and len(self.scanner) == 0:
+            self._close()
+        elif self.state is State.TUNNEL:
+            if self.relay is not None:
+                self._apply(self.relay.going_away())
+            else:
+                self._end_tunnel(None)
+                self._close()
+
+
+# -------------------------------------------------------------------- worker entry point
 
 
 def run(
@@ -19,4 +964,70 @@ def run(
     Writes one byte to ``heartbeat_fd`` about every second from the event loop; the first byte
     means "accepting". Raises if the worker cannot start.
     """
-    raise NotImplementedError
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(config, sockets, admin_socket, heartbeat_fd, loop))
+    finally:
+        loop.close()
+
+
+async def _serve(
+    config: Config,
+    sockets: Mapping[str, socket.socket],
+    admin_socket: socket.socket | None,
+    heartbeat_fd: int,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    worker = WorkerState(config, loop)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides; Ctrl-C reaches it
+    servers: list[asyncio.Server] = []
+    for name, sock in sockets.items():
+        listener = worker.listeners[name]
+
+        def factory(listener: Listener = listener) -> ClientProtocol:
+            return ClientProtocol(worker, listener)
+
+        servers.append(await loop.create_server(factory, sock=sock, backlog=2048))
+    if admin_socket is not None:
+        servers.append(
+            await loop.create_server(lambda: admin.AdminProtocol(worker), sock=admin_socket)
+        )
+
+    def heartbeat() -> None:
+        with contextlib.suppress(BlockingIOError):  # the master is behind; it sees the next byte
+            os.write(heartbeat_fd, b".")
+        now = time.monotonic()
+        for pool in worker.pools.values():
+            pool.expire_idle(now)
+        if not stop.is_set():
+            loop.call_later(HEARTBEAT_INTERVAL_S, heartbeat)
+
+    heartbeat()
+    await stop.wait()
+    # Drain: stop accepting, let in-flight requests finish, close idle keep-alives.
+    worker.draining = True
+    for server in servers:
+        server.close()
+    deadline = loop.time() + config.graceful_timeout_s
+    while loop.time() < deadline:
+        busy = False
+        for listener in worker.listeners.values():
+            for conn in list(listener.connections):
+                conn.go_away()
+                busy = busy or conn.state is not State.CLOSED
+        if not busy:
+            break
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(BlockingIOError):
+            os.write(heartbeat_fd, b".")
+    for pool in worker.pools.values():
+        pool.close_all()
+    for listener in worker.listeners.values():
+        for conn in list(listener.connections):
+            conn._close(abort=True)
+    await asyncio.sleep(0)

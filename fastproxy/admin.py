@@ -1,0 +1,83 @@
+"""The admin listener: ``/metrics``, ``/livez``, ``/readyz``.
+
+[I/O] Imports ``metrics`` only; runs inside every worker, so the master never serves traffic
+nor runs a thread. One request per connection (``Connection: close``): scrapes and probes are
+rare, and simplicity beats keep-alive here. Nothing from the request is echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from fastproxy import metrics
+
+MAX_REQUEST_BYTES = 8 * 1024
+
+
+class WorkerView(Protocol):
+    """What the admin endpoints read from the worker."""
+
+    draining: bool
+
+
+class AdminProtocol(asyncio.Protocol):
+    """Answer one admin request and close."""
+
+    __slots__ = ("buf", "transport", "worker")
+
+    def __init__(self, worker: WorkerView) -> None:
+        self.worker = worker
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > MAX_REQUEST_BYTES:
+                self._reply(431, b"text/plain", b"request too large\n")
+            return
+        request_line = self.buf[: self.buf.find(b"\r\n")]
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            self._reply(405, b"text/plain", b"method not allowed\n")
+            return
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/metrics":
+            self._reply(200, metrics.CONTENT_TYPE, metrics.render(), head=parts[0] == b"HEAD")
+        elif path == b"/livez":
+            self._reply(200, b"text/plain", b"ok\n")
+        elif path == b"/readyz":
+            if self.worker.draining:
+                self._reply(503, b"text/plain", b"draining\n")
+            else:
+                self._reply(200, b"text/plain", b"ready\n")
+        else:
+            self._reply(404, b"text/plain", b"not found\n")
+
+    def _reply(self, status: int, content_type: bytes, body: bytes, *, head: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, _REASONS.get(status, b"Error"), content_type, len(body))
+        )
+        if not head:
+            transport.write(body)
+        transport.close()
+        self.transport = None
+
+
+_REASONS = {
+    200: b"OK",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}

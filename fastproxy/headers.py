@@ -1,0 +1,324 @@
+"""Request and response header rules of a reverse proxy: framing, Host, hop-by-hop, forwarding.
+
+[pure] Imports only ``errors``-free standard library code: no h11, no asyncio, no clock, no
+logging. Both HTTP parsers behind the ``http1`` seam hand their headers to these functions, so the
+checks here are fastproxy's own and hold whichever parser runs (SPEC 5).
+
+Theory of operation
+-------------------
+``inspect_request`` makes one pass over the raw request headers (original case, in order) and
+returns a ``RequestInfo``: the framing, the Host, the upgrade tokens and the WebSocket handshake
+fields. It raises ``RequestRefused`` for anything a backend could read differently from us:
+ambiguous framing, a bad Host, a NUL in a value. Names are compared with ``_`` read as ``-``,
+because CGI/WSGI backends fold the two (``Transfer_Encoding`` is a framing header to them).
+
+``upstream_headers`` and ``response_headers`` then build the header lists to send on each leg:
+hop-by-hop headers removed (RFC 9110 7.6.1), framing headers replaced by our own, forwarding
+headers added. Every other header, custom ones included, passes unchanged, in order and case.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus Proxy-Connection (a de facto one) and
+# Proxy-Authorization (credentials meant for this hop only).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"content-length",  # framing: re-added from RequestInfo, never copied
+    }
+)
+
+# Headers that make some backends route or act on something other than the checked request.
+OVERRIDE_HEADERS = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-override-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+
+# Set by fastproxy; kept from trusted peers only.
+FORWARDING_HEADERS = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
+)
+
+# Connection tokens that must never remove an end-to-end header we rely on.
+_PROTECTED = frozenset({b"host", b"content-length", b"x-request-id"}) | FORWARDING_HEADERS
+
+_MAX_REQUEST_ID_BYTES = 128
+_DIGITS = b"0123456789"
+# RFC 3986 reg-name / IPv4 characters we accept in Host (a positive definition: DNS-ish names,
+# underscores for internal names; no userinfo, path, query, whitespace or escapes).
+_HOST_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_"
+_HOST_V6_BYTES = b"0123456789abcdefABCDEF:."
+# Visible ASCII, for request ids we keep.
+_VCHAR = bytes(range(0x21, 0x7F))
+
+
+class RequestRefused(Exception):
+    """The request is answered by fastproxy itself with ``status`` and the stable ``code``."""
+
+    def __init__(self, status: int, code: str, detail: str = "") -> None:
+        self.status = status
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{status} {code}: {detail}" if detail else f"{status} {code}")
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What one pass over the request headers found."""
+
+    host: bytes | None = None
+    content_length: int | None = None
+    chunked: bool = False
+    #: lower-cased tokens of ``Upgrade``; empty when absent
+    upgrade: tuple[bytes, ...] = ()
+    #: lower-cased tokens of ``Connection`` (and ``Proxy-Connection``)
+    connection: frozenset[bytes] = frozenset()
+    ws_key: bytes | None = None
+    ws_version: bytes | None = None
+    request_id: bytes | None = None
+    #: number of ``Sec-WebSocket-Key`` / ``-Version`` headers (each must be exactly one)
+    ws_fields: int = 0
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def fold(name: bytes) -> bytes:
+    """The name as backends compare it: lower case, ``_`` read as ``-``."""
+    return name.lower().replace(b"_", b"-")
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
+    """One pass over raw request headers; raise ``RequestRefused`` on ambiguity."""
+    info = RequestInfo()
+    hosts = 0
+    lengths = 0
+    codings: list[bytes] = []
+    connection: set[bytes] = set()
+    upgrade: list[bytes] = []
+    for name, value in headers:
+        if b"\x00" in value:
+            raise RequestRefused(400, "bad_request", "NUL in a header value")
+        folded = fold(name)
+        if folded == b"host":
+            if name.lower() != b"host":  # "Ho_st" is Host to a CGI backend
+                raise RequestRefused(400, "bad_host", "underscore spelling of Host")
+            hosts += 1
+            info.host = value
+        elif folded == b"content-length":
+            lengths += 1
+            if name.lower() != b"content-length" or not value or value.strip(_DIGITS):
+                raise RequestRefused(400, "bad_request", "malformed Content-Length")
+            if len(value) > 18:
+                raise RequestRefused(413, "body_too_large", "Content-Length too large")
+            info.content_length = int(value)
+        elif folded == b"transfer-encoding":
+            if name.lower() != b"transfer-encoding":
+                raise RequestRefused(400, "bad_request", "underscore spelling of Transfer-Encoding")
+            codings.extend(_tokens(value) or [b""])
+        elif folded in (b"connection", b"proxy-connection"):
+            connection.update(_tokens(value))
+        elif folded == b"upgrade":
+            upgrade.extend(_tokens(value))
+        elif folded == b"sec-websocket-key":
+            info.ws_key = value
+            info.ws_fields += 1
+        elif folded == b"sec-websocket-version":
+            info.ws_version = value
+            info.ws_fields += 1
+        elif folded == b"x-request-id":
+            info.request_id = value
+    if hosts > 1:
+        raise RequestRefused(400, "bad_host", "more than one Host")
+    if lengths > 1:
+        raise RequestRefused(400, "bad_request", "more than one Content-Length")
+    if codings:
+        # RFC 9112 6.1/6.3: chunked must be the final coding, and we accept no other coding
+        # (a proxy that cannot decode a coding cannot frame the body safely).
+        if lengths:
+            raise RequestRefused(400, "bad_request", "Content-Length with Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise RequestRefused(400, "bad_request", "transfer coding other than chunked")
+        info.chunked = True
+    if info.host is not None and not valid_authority(info.host):
+        raise RequestRefused(400, "bad_host", "Host is not a valid authority")
+    info.connection = frozenset(connection)
+    info.upgrade = tuple(upgrade)
+    return info
+
+
+def valid_authority(value: bytes) -> bool:
+    """RFC 9112 3.2: ``host [":" port]``; no userinfo, path, whitespace or escapes."""
+    if not value or len(value) > 255:
+        return False
+    if value[:1] == b"[":
+        end = value.find(b"]")
+        if end < 2 or value[1:end].strip(_HOST_V6_BYTES):
+            return False
+        rest = value[end + 1 :]
+        if not rest:
+            return True
+        if rest[:1] != b":":
+            return False
+        port = rest[1:]
+    else:
+        host, sep, port = value.partition(b":")
+        if not host or host.strip(_HOST_NAME_BYTES):
+            return False
+        if not sep:
+            return True
+    return 0 < len(port) <= 5 and not port.strip(_DIGITS) and int(port) <= 65535
+
+
+def same_authority(a: bytes, b: bytes, default_port: bytes) -> bool:
+    """Whether two authorities name the same origin (case-insensitive, default port implied)."""
+    a, b = a.lower(), b.lower()
+    if a == b:
+        return True
+    suffix = b":" + default_port
+    return a.removesuffix(suffix) == b.removesuffix(suffix)
+
+
+def check_websocket_handshake(method: bytes, http_version: bytes, info: RequestInfo) -> None:
+    """RFC 6455 4.2.1: the opening handshake a server accepts; raise ``RequestRefused``."""
+    bad = "bad_websocket_handshake"
+    if method != b"GET" or http_version != b"1.1":
+        raise RequestRefused(400, bad, "WebSocket handshake must be GET over HTTP/1.1")
+    if info.upgrade != (b"websocket",) or b"upgrade" not in info.connection:
+        raise RequestRefused(400, bad, "Upgrade: websocket with Connection: upgrade required")
+    if info.ws_fields != 2 or info.ws_version != b"13" or info.ws_key is None:
+        raise RequestRefused(400, bad, "one Sec-WebSocket-Key and Sec-WebSocket-Version: 13")
+    try:
+        raw = base64.b64decode(info.ws_key, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 16:
+        raise RequestRefused(400, bad, "Sec-WebSocket-Key is not 16 bytes of base64")
+    if info.has_body:
+        raise RequestRefused(400, bad, "WebSocket handshake with a body")
+
+
+def upstream_headers(
+    headers: list[tuple[bytes, bytes]],
+    info: RequestInfo,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    trusted: bool,
+    proto: bytes,
+    request_id: bytes,
+    strip_override: bool,
+    websocket: bool,
+    forwarded: bool,
+) -> list[tuple[bytes, bytes]]:
+    """The header list to send upstream for an accepted request.
+
+    ``host`` is the Host to send (the client's, or the upstream address for HTTP/1.0 requests
+    without one). Framing headers are rebuilt from ``info``; forwarding headers from untrusted
+    peers are replaced.
+    """
+    named = info.connection - _PROTECTED
+    out: list[tuple[bytes, bytes]] = [(b"Host", host)]
+    prior_xff: list[bytes] = []
+    prior_fwd: list[bytes] = []
+    for name, value in headers:
+        folded = fold(name)
+        if folded in HOP_BY_HOP or folded == b"host" or folded in named:
+            continue
+        if folded in FORWARDING_HEADERS:
+            if trusted:
+                if folded == b"x-forwarded-for":
+                    prior_xff.append(value)
+                elif folded == b"forwarded":
+                    prior_fwd.append(value)
+                elif folded == b"x-request-id":
+                    continue  # re-added below, once
+                else:
+                    out.append((name, value))
+            continue
+        if strip_override and folded in OVERRIDE_HEADERS:
+            continue
+        if websocket and folded == b"sec-websocket-extensions":
+            continue  # no compression in the tunnel: frames stay checkable
+        out.append((name, value))
+    if info.content_length is not None:
+        out.append((b"Content-Length", b"%d" % info.content_length))
+    elif info.chunked:
+        out.append((b"Transfer-Encoding", b"chunked"))
+    if websocket:
+        out.append((b"Connection", b"Upgrade"))
+        out.append((b"Upgrade", b"websocket"))
+    prior_xff.append(client_ip)
+    out.append((b"X-Forwarded-For", b", ".join(prior_xff)))
+    if not trusted or not any(fold(n) == b"x-forwarded-proto" for n, _ in out):
+        out.append((b"X-Forwarded-Proto", proto))
+    if not trusted or not any(fold(n) == b"x-forwarded-host" for n, _ in out):
+        out.append((b"X-Forwarded-Host", info.host if info.host is not None else host))
+    if forwarded:
+        node = b'"[%s]"' % client_ip if b":" in client_ip else client_ip
+        prior_fwd.append(b"for=%s;proto=%s;host=%s" % (node, proto, b'"%s"' % host))
+        out.append((b"Forwarded", b", ".join(prior_fwd)))
+    out.append((b"X-Request-Id", request_id))
+    return out
+
+
+def trusted_request_id(value: bytes | None) -> bool:
+    """Whether an incoming X-Request-Id is safe to keep (visible ASCII, bounded)."""
+    return (
+        value is not None
+        and 0 < len(value) <= _MAX_REQUEST_ID_BYTES
+        and not value.translate(None, _VCHAR)
+    )
+
+
+def response_headers(
+    headers: list[tuple[bytes, bytes]], *, request_id: bytes, keep_upgrade: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """The header list to relay to the client: hop-by-hop removed, request id added.
+
+    Content-Length is kept (it is end-to-end for a response we relay unchanged); h11 frames
+    the body from it, or chunks it when absent.
+    """
+    named: set[bytes] = set()
+    for name, value in headers:
+        if fold(name) == b"connection":
+            named.update(_tokens(value))
+    named -= {b"content-length", b"x-request-id"}
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        folded = fold(name)
+        if folded == b"content-length":
+            out.append((name, value))
+            continue
+        if folded == b"upgrade" and keep_upgrade:
+            out.append((b"Upgrade", b"websocket"))
+            continue
+        if folded in HOP_BY_HOP or folded in named or folded == b"x-request-id":
+            continue
+        out.append((name, value))
+    if keep_upgrade:
+        out.append((b"Connection", b"Upgrade"))
+    out.append((b"X-Request-Id", request_id))
+    return out
