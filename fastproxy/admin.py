@@ -8,7 +8,7 @@ rare, and simplicity beats keep-alive here. Nothing from the request is echoed.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Protocol, cast
 
 from fastproxy import metrics
 
@@ -32,7 +32,7 @@ class AdminProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 from fastproxy.config import Balance, UpstreamConfig
 from fastproxy.http1 import UpstreamLeg
@@ -58,7 +58,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.reused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -34,6 +34,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
+from typing import cast
 
 import orjson
 
@@ -234,7 +235,7 @@ class ClientProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         listener = self.listener
         limits = listener.config.limits
