@@ -123,8 +123,6 @@ def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
             raise RequestRefused(400, "bad_request", "NUL in a header value")
         folded = fold(name)
         if folded == b"host":
-            if name.lower() != b"host":  # "Ho_st" is Host to a CGI backend
-                raise RequestRefused(400, "bad_host", "underscore spelling of Host")
             hosts += 1
             info.host = value
         elif folded == b"content-length":

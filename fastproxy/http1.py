@@ -86,8 +86,8 @@ class HeadScanner:
             self._scanned = max(0, self._scanned - 2)
         end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
-            self._scanned = len(buf)
             self._check_partial()
+            self._scanned = len(buf)
             return None
         end += 4
         if end > self.max_head_bytes:
@@ -100,10 +100,17 @@ class HeadScanner:
         return head, rest
 
     def _check_partial(self) -> None:
+        """Refuse a bare CR or LF in the newly arrived bytes at once, instead of waiting for a
+        CRLFCRLF that a bare-LF client never sends."""
         buf = self._buf
-        if b"\n" in buf[:2] or b"\r\n\n" in buf or (b"\n" in buf and b"\n\n" in buf):
-            # a bare-LF head would never end with CRLFCRLF: refuse instead of waiting
-            self._check_line_ends(bytes(buf))
+        start = self._scanned
+        if start and buf[start - 1] == 0x0D:  # a CR whose LF may just have arrived
+            start -= 1
+        region = buf[start:]
+        crlf = region.count(b"\r\n")
+        pending_cr = 1 if region[-1:] == b"\r" else 0
+        if region.count(b"\n") != crlf or region.count(b"\r") - pending_cr != crlf:
+            raise RequestRefused(400, "bad_request", "bare CR or LF in the request head")
         if len(buf) > self.max_head_bytes:
             raise self._too_large()
 

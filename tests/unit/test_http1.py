@@ -1,0 +1,156 @@
+"""The parser seam: head scanning on raw bytes, and both h11 legs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastproxy.headers import RequestRefused
+from fastproxy.http1 import Ev, HeadScanner, RequestHead, ResponseHead, ServerLeg, UpstreamLeg
+
+
+def _scan(
+    data: bytes, *, max_head: int = 16384, max_headers: int = 100, max_uri: int = 8192
+) -> tuple[bytes, bytes] | None:
+    scanner = HeadScanner(max_head, max_headers, max_uri)
+    scanner.feed(data)
+    return scanner.maybe_take_head()
+
+
+def test_head_scanner_splits_head_and_rest() -> None:
+    taken = _scan(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2")
+    assert taken == (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /2")
+
+
+def test_head_scanner_waits_for_more() -> None:
+    scanner = HeadScanner(16384, 100, 8192)
+    for byte in b"GET / HTTP/1.1\r\nHost: a\r\n\r":
+        scanner.feed(bytes([byte]))
+        assert scanner.maybe_take_head() is None
+    scanner.feed(b"\n")
+    assert scanner.maybe_take_head() is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET / HTTP/1.1\nHost: a\n\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n\tb\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nX: " + b"y" * 17000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * 17000, 414),
+        (b"GET / HTTP/1.1\r\nX: " + b"y" * 17000, 431),
+    ],
+)
+def test_head_scanner_refuses(data: bytes, status: int) -> None:
+    with pytest.raises(RequestRefused) as caught:
+        _scan(data)
+    assert caught.value.status == status
+
+
+def _server(data: bytes) -> tuple[ServerLeg, list[RequestHead | bytes | Ev]]:
+    leg = ServerLeg(16384)
+    leg.feed(data)
+    events: list[RequestHead | bytes | Ev] = []
+    while True:
+        event = leg.next_event()
+        events.append(event)
+        if event in (Ev.NEED_DATA, Ev.PAUSED):
+            return leg, events
+
+
+def test_server_leg_keeps_raw_header_case_and_order() -> None:
+    _leg, events = _server(
+        b"GET /x?q HTTP/1.1\r\nHost: a\r\nX_Odd: 1\r\nx-MiXeD: 2\r\nX_Odd: 3\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.http_version) == (b"GET", b"/x?q", b"1.1")
+    assert head.headers == [(b"Host", b"a"), (b"X_Odd", b"1"), (b"x-MiXeD", b"2"), (b"X_Odd", b"3")]
+    assert events[1] is Ev.END
+
+
+def test_server_leg_streams_chunked_body_and_keeps_trailing_bytes() -> None:
+    leg, events = _server(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nGET /next HTTP/1.1\r\n"
+    )
+    assert b"".join(e for e in events if isinstance(e, bytes)) == b"abcde"
+    assert Ev.END in events
+    head = leg.response_head(200, [(b"Content-Length", b"0")])
+    assert head.startswith(b"HTTP/1.1 200 ")
+    leg.end()
+    assert leg.keep_alive
+    assert leg.trailing == b"GET /next HTTP/1.1\r\n"
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9", b"1.2"])
+def test_server_leg_refuses_other_versions(version: bytes) -> None:
+    with pytest.raises(RequestRefused):
+        _server(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+
+
+def test_server_leg_refuses_bad_chunk_size() -> None:
+    with pytest.raises(RequestRefused) as caught:
+        _server(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+    assert caught.value.status == 400
+
+
+def test_server_leg_http10_closes_after_response() -> None:
+    leg, _events = _server(b"GET / HTTP/1.0\r\n\r\n")
+    leg.response_head(200, [])
+    leg.body(b"hello")
+    leg.end()
+    assert not leg.keep_alive
+
+
+def test_upstream_leg_round_trip_and_reuse() -> None:
+    leg = UpstreamLeg()
+    wire = leg.request(b"GET", b"/a", [(b"Host", b"up")])
+    wire += leg.end()
+    assert wire.startswith(b"GET /a HTTP/1.1\r\n")
+    leg.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok")
+    head = leg.next_event()
+    assert isinstance(head, ResponseHead)
+    assert head.status == 200 and (b"X-A", b"1") in head.headers
+    assert leg.next_event() == b"ok"
+    assert leg.next_event() is Ev.END
+    assert leg.reusable
+    leg.start_next_cycle()
+    assert leg.idle
+
+
+def test_upstream_leg_switch_keeps_trailing_frames() -> None:
+    leg = UpstreamLeg()
+    leg.request(
+        b"GET",
+        b"/ws",
+        [(b"Host", b"up"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")],
+    )
+    leg.end()
+    leg.feed(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        b"\x81\x02hi"
+    )
+    head = leg.next_event()
+    assert isinstance(head, ResponseHead) and head.status == 101
+    assert leg.next_event() is Ev.SWITCHED
+    assert leg.trailing == b"\x81\x02hi"
+
+
+def test_upstream_leg_refused_switch_stays_http() -> None:
+    leg = UpstreamLeg()
+    leg.request(
+        b"GET",
+        b"/ws",
+        [(b"Host", b"up"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")],
+    )
+    leg.end()
+    leg.feed(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    head = leg.next_event()
+    assert isinstance(head, ResponseHead) and head.status == 426
+    assert leg.next_event() is Ev.END
+    assert leg.reusable
