@@ -1,20 +1,80 @@
 """Configuration: TOML (``tomllib``) into frozen, validated objects.
 
-Imports only ``errors`` and ``policy`` (and the standard library). Every check happens here, at
-load, so the I/O layer never meets an invalid value. Errors name the file, the dotted key and the
-value: ``fastproxy.toml: listeners.sdk.policy: unknown policy "cobrowse-skd", got ...``.
+Imports only ``errors`` and ``policy`` (and the standard library: no sockets, no DNS, no clock).
+Every check happens here, at load, so the I/O layer never meets an invalid value; each listener's
+rules are compiled into a ``policy.PrefixTable`` once at load to prove they are consistent.
 
-SKELETON: the types below are the contract the rest of fastproxy codes against.
+Entry points: ``load_config(path)`` (None = the built-in Cobrowse preset on loopback),
+``parse_config(data, source)`` for an already-parsed document, ``dump_config(config)`` for the
+fully expanded TOML text (loading it gives an equal ``Config``; ``source`` is not compared).
+
+Errors
+------
+Every mistake is one ``ConfigError`` whose text is
+``<file>: <dotted.location>: <what is wrong>, got <value>`` plus an optional ``(hint)``; the value
+is shown as TOML, e.g. ``fastproxy.toml: policies.web.rules.api.action: unknown rule action, got
+"fwd" (did you mean "forward"?)``. A missing key reads ``<file>: <table>: missing key "bind"``;
+a top-level key has no location, and an unreadable file or bad TOML gives ``<file>: <why>``.
+Unknown keys are errors, with the nearest known key suggested and the known keys listed.
+
+The file (SPEC 3)
+-----------------
+Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`` or
+``"httptools"``), ``heartbeat_timeout_s``, ``graceful_timeout_s``, and the tables below.
+``[upstreams]`` and ``[listeners]`` must each have at least one entry.
+
+- ``[upstreams.NAME]``: ``servers`` (``"host:port"``, a host name or IP, IPv6 as ``"[::1]:8000"``;
+  at least one), ``balance``, ``keepalive`` and the ``*_timeout_s`` of ``UpstreamConfig``.
+  ``tls`` is a known key that is rejected: TLS to upstreams is not supported yet.
+- ``[listeners.NAME]``: ``bind`` (an IP literal and port; names are never resolved here; port 0
+  lets the kernel choose and never conflicts), ``policy``, ``upstream`` (may be left out when
+  there is exactly one upstream), ``mode``, ``limits`` (a table of ``Limits`` fields),
+  ``trusted_proxies``, ``strip_override_headers``, ``forwarded_header``, ``websocket_mode``,
+  ``refused_methods``. ``tls = {cert, key}`` is validated, then rejected: TLS termination is not
+  supported yet. Two listeners (or a listener and admin) may not bind overlapping addresses
+  (same port, same address or a wildcard of the same family).
+- ``[policies.NAME]``: ``extends`` (a preset policy or an own policy defined earlier in the file),
+  ``fallback`` (``"deny"`` | ``"forward"`` | a table ``{action, rewrite_to, upstream,
+  max_body_bytes}``; default: inherited, else ``"deny"``) and ``[policies.NAME.rules.RULE]``
+  tables (``prefix``, ``action``, ``rewrite_to``, ``upstream``, ``max_body_bytes``, ``allow``).
+  A rule named like an inherited one replaces it; two rules with the same prefix are an error.
+  A policy named like a preset policy extends that preset: its rules are added to (or replace)
+  the preset's, which is how a vendor's new route is added without renaming the policy.
+- ``[admin]``: ``bind``. Absent: 127.0.0.1:9901. ``admin = false`` turns the admin listener off.
+- ``[presets.cobrowse]``: the toggles ``pin_sdk``, ``universal``, ``ai``, ``acme`` (booleans).
+
+Names of listeners, upstreams, policies and rules are TOML bare keys (letters, digits, ``-``,
+``_``; at most 64) because they become metric labels; ``fallback`` is reserved for rules.
+Prefixes and rewrite targets must be canonical paths (``policy`` would never match anything else):
+they start with ``/`` and hold only letters, digits and ``/-._~!$&'()*+,;=:@`` (no ``?``, ``#``,
+``%``, spaces), with no empty, ``.`` or ``..`` segment.
+
+The preset
+----------
+``presets/cobrowse.toml`` holds the Cobrowse route lists and the toggles as data, with a
+``version``. A toggle adds rules either to a preset policy (so policies extending it inherit
+them) or to every listener without TLS; a listener's policy rule of the same name wins.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import enum
+import functools
+import importlib.resources
 import ipaddress
-from collections.abc import Mapping
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
-from fastproxy.policy import Rule
+from fastproxy.errors import ConfigError
+from fastproxy.policy import Action, PathRefused, PrefixTable, Refusal, Rule, canonicalize
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -22,6 +82,14 @@ DEFAULT_SDK_BIND = "127.0.0.1:8080"
 DEFAULT_AGENT_BIND = "127.0.0.1:8081"
 DEFAULT_ADMIN_BIND = "127.0.0.1:9901"
 DEFAULT_UPSTREAM = "127.0.0.1:8000"
+
+HEARTBEAT_TIMEOUT_S = 30.0
+GRACEFUL_TIMEOUT_S = 30.0
+
+#: ``Config.source`` of the configuration used when no file is given
+BUILT_IN_SOURCE = "<built-in>"
+PRESET_SDK = "cobrowse-sdk"
+PRESET_AGENT = "cobrowse-agent"
 
 
 class Mode(enum.Enum):
@@ -75,6 +143,7 @@ class Limits:
     #: connections one client address may hold on one worker; 0 = no limit
     max_connections_per_client: int = 256
     ws_idle_timeout_s: float = 3600.0
+    #: must be shorter than ``ws_idle_timeout_s``
     ws_ping_interval_s: float = 30.0
     ws_max_message_bytes: int = 16 * 1024 * 1024
 
@@ -108,7 +177,7 @@ class UpstreamConfig:
     name: str
     servers: tuple[Address, ...]
     balance: Balance = Balance.ROUND_ROBIN
-    #: idle keep-alive connections kept per server per worker
+    #: idle keep-alive connections kept per server per worker; 0 = no reuse
     keepalive: int = 32
     keepalive_timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
@@ -133,20 +202,1090 @@ class PresetToggles:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    #: file name used in error messages; ``"<built-in>"`` for the preset default
-    source: str
+    #: file name used in error messages; ``"<built-in>"`` for the preset default. Not compared:
+    #: the same settings read from another file are the same configuration.
+    source: str = field(compare=False)
     workers: int
     listeners: Mapping[str, ListenerConfig]
     upstreams: Mapping[str, UpstreamConfig]
+    #: None when the file says ``admin = false``
     admin: AdminConfig | None
     presets: PresetToggles = field(default_factory=PresetToggles)
     http_parser: HttpParser = HttpParser.H11
     #: seconds a worker may miss its heartbeat before the master replaces it
-    heartbeat_timeout_s: float = 30.0
+    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
     #: seconds SIGTERM waits for in-flight requests before killing workers
-    graceful_timeout_s: float = 30.0
+    graceful_timeout_s: float = GRACEFUL_TIMEOUT_S
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
 
 
 def load_config(path: str | None) -> Config:
-    """Read and validate ``path``; with None, the built-in Cobrowse preset on loopback."""
-    raise NotImplementedError
+    """Read and validate ``path``; with None, the built-in Cobrowse preset on loopback.
+
+    Raises ``ConfigError`` naming ``path`` as given for an unreadable file, a TOML syntax error
+    or an invalid value.
+    """
+    if path is None:
+        return parse_config(_BUILT_IN, BUILT_IN_SOURCE)
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot read the file: {reason}", where="", source=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", where="", source=path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"invalid TOML: not UTF-8 ({exc.reason})", where="", source=path
+        ) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, object], source: str) -> Config:
+    """Validate an already-parsed TOML document; ``source`` names it in error messages."""
+    try:
+        return _parse(data, source)
+    except ConfigError as exc:
+        raise exc.with_source(source) from None
+
+
+def dump_config(config: Config) -> str:
+    """Return ``config`` as TOML, fully expanded: every default written out and every listener's
+    policy with all its resolved rules (preset and toggles included), so that loading the text
+    gives an equal ``Config``."""
+    return _dump(config)
+
+
+def preset_version() -> int:
+    """The ``version`` of the built-in Cobrowse preset data."""
+    return _preset().version
+
+
+# --------------------------------------------------------------------------------------------
+# Values: checking types, showing values, suggesting names
+
+Table = Mapping[str, object]
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+# RFC 3986 pchar without pct-encoded, plus "/": what a canonical path may hold (SPEC 4).
+_PATH_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@/"
+)
+# RFC 9110 section 5.6.2 token: what a method name may hold.
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+_SHOW_MAX_CHARS = 200
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char < " " or char == "\x7f":
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY_RE.fullmatch(key) else _toml_string(key)
+
+
+def _toml(value: object) -> str:
+    """``value`` written as a TOML value (inline tables for mappings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        items = cast(Table, value).items()
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml(v)}" for k, v in items)
+        return "{ " + inner + " }" if inner else "{}"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return repr(value)
+
+
+def _show(value: object) -> str:
+    text = _toml(value)
+    return text if len(text) <= _SHOW_MAX_CHARS else text[: _SHOW_MAX_CHARS - 3] + "..."
+
+
+def _bad(where: str, what: str, value: object, hint: str | None = None) -> ConfigError:
+    return ConfigError(f"{what}, got {_show(value)}", where=where, hint=hint)
+
+
+def _missing(where: str, key: str, hint: str | None = None) -> ConfigError:
+    return ConfigError(f'missing key "{key}"', where=where, hint=hint)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _suggest(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else "known: " + ", ".join(known)
+
+
+def _table(value: object, where: str) -> Table:
+    if not isinstance(value, Mapping):
+        raise _bad(where, "expected a table", value)
+    return cast(Table, value)
+
+
+def _keys(table: Table, where: str, known: Sequence[str], required: Sequence[str] = ()) -> None:
+    for key in table:
+        if key not in known:
+            ordered = sorted(known)
+            close = difflib.get_close_matches(key, ordered, n=1, cutoff=0.6)
+            hint = "known: " + ", ".join(ordered)
+            if close:
+                hint = f'did you mean "{close[0]}"? {hint}'
+            raise _bad(where, "unknown key", key, hint=hint)
+    for key in required:
+        if key not in table:
+            raise _missing(where, key)
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, "expected a string", value)
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(where, "expected true or false", value)
+    return value
+
+
+def _int(value: object, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(where, "expected an integer", value)
+    if value < minimum:
+        raise _bad(where, f"must be at least {minimum}", value)
+    return value
+
+
+def _seconds(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(where, "expected a number of seconds", value)
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(where, "must be a positive number of seconds", value)
+    return float(value)
+
+
+def _list(value: object, where: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _bad(where, "expected a list", value)
+    return cast(list[object], value)
+
+
+def _choice(value: object, where: str, what: str, options: Mapping[str, T]) -> T:
+    text = _str(value, where)
+    if text not in options:
+        raise _bad(where, f"unknown {what}", text, hint=_suggest(text, list(options)))
+    return options[text]
+
+
+def _name(name: str, where: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise _bad(where, 'a name may only hold letters, digits, "-" and "_" (at most 64)', name)
+    return name
+
+
+def _get_int(table: Table, key: str, where: str, default: int, minimum: int) -> int:
+    return _int(table[key], _join(where, key), minimum) if key in table else default
+
+
+def _get_seconds(table: Table, key: str, where: str, default: float) -> float:
+    return _seconds(table[key], _join(where, key)) if key in table else default
+
+
+def _get_bool(table: Table, key: str, where: str, default: bool) -> bool:
+    return _bool(table[key], _join(where, key)) if key in table else default
+
+
+_ACTIONS: Mapping[str, Action] = {a.value: a for a in Action}
+_FALLBACK_ACTIONS: Mapping[str, Action] = {
+    a.value: a for a in (Action.DENY, Action.FORWARD, Action.REWRITE)
+}
+_MODES: Mapping[str, Mode] = {m.value: m for m in Mode}
+_BALANCES: Mapping[str, Balance] = {b.value: b for b in Balance}
+_WS_MODES: Mapping[str, WebSocketMode] = {m.value: m for m in WebSocketMode}
+_PARSERS: Mapping[str, HttpParser] = {p.value: p for p in HttpParser}
+#: refusals a rule may opt out of for its own prefix (SPEC 4); the others are never safe
+_OPT_OUTS: Mapping[str, Refusal] = {
+    r.value: r
+    for r in (
+        Refusal.ENCODED_SLASH,
+        Refusal.ENCODED_BACKSLASH,
+        Refusal.ENCODED_CONTROL,
+        Refusal.RAW_BACKSLASH,
+        Refusal.MALFORMED_ESCAPE,
+        Refusal.DOUBLE_ENCODING,
+        Refusal.SEMICOLON,
+        Refusal.ENCODED_NON_ASCII,
+        Refusal.DOT_WHITESPACE,
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses and networks
+
+
+def _split_host_port(text: str, where: str) -> tuple[str, str]:
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or "]" in host or "[" in host:
+            raise _bad(where, 'expected "host:port" (IPv6 as "[::1]:8000")', text)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise _bad(where, "not an IPv6 address", text) from None
+        if ip.version != 6:
+            raise _bad(where, "brackets are for IPv6 addresses only", text)
+        return str(ip), port
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise _bad(where, 'expected "host:port"', text)
+    if ":" in host:
+        raise _bad(where, "an IPv6 address needs brackets", text, hint=f'write "[{host}]:{port}"')
+    return host, port
+
+
+def _port(port: str, text: str, where: str, minimum: int) -> int:
+    if not port.isascii() or not port.isdigit() or not minimum <= int(port) <= 65535:
+        raise _bad(where, f"port must be a number from {minimum} to 65535", text)
+    return int(port)
+
+
+def _bind_address(value: object, where: str) -> Address:
+    """A listening address: an IP literal (names are not resolved at load) and a port, 0 = any."""
+    text = _str(value, where)
+    host, port = _split_host_port(text, where)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise _bad(
+            where,
+            "the host must be an IP address",
+            text,
+            hint="0.0.0.0 or [::] for every interface, 127.0.0.1 or [::1] for loopback",
+        ) from None
+    return Address(host, _port(port, text, where, minimum=0))
+
+
+def _server_address(value: object, where: str) -> Address:
+    """An upstream server: a host name or IP literal and a port."""
+    text = _str(value, where)
+    host, port = _split_host_port(text, where)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if re.fullmatch(r"[0-9.]+", host) or not _HOSTNAME_RE.fullmatch(host) or len(host) > 253:
+            raise _bad(where, "the host must be a host name or an IP address", text) from None
+        host = host.lower()
+    return Address(host, _port(port, text, where, minimum=1))
+
+
+def _overlaps(a: Address, b: Address) -> bool:
+    """True when binding both would fail: same port, same address or a same-family wildcard."""
+    if a.port == 0 or b.port == 0 or a.port != b.port:
+        return False
+    ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    if ip_a.version != ip_b.version:
+        return False  # [::] and 0.0.0.0 coexist with IPV6_V6ONLY, as nginx binds them
+    return ip_a == ip_b or ip_a.is_unspecified or ip_b.is_unspecified
+
+
+def _network(value: object, where: str) -> IPNetwork:
+    text = _str(value, where)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _bad(where, "expected an IP address or a CIDR network", text) from None
+    raise _bad(where, "host bits are set in the network", text, hint=f'did you mean "{loose}"?')
+
+
+# --------------------------------------------------------------------------------------------
+# Rules and policies
+
+
+def _path(value: object, where: str, what: str, allow: frozenset[Refusal] = frozenset()) -> bytes:
+    text = _str(value, where)
+    if not text.startswith("/"):
+        raise _bad(where, f'{what} must start with "/"', text)
+    bad = next((char for char in text if char not in _PATH_CHARS), None)
+    if bad is not None:
+        raise _bad(
+            where,
+            f"{what} may only hold letters, digits and /-._~!$&'()*+,;=:@",
+            text,
+            hint=f"{_toml_string(bad)} is not allowed",
+        )
+    segments = text[1:].split("/")
+    if "" in segments[:-1] or "." in segments or ".." in segments:
+        raise _bad(
+            where,
+            f'{what} must be a canonical path, without "//", "." or ".." segments',
+            text,
+            hint="request paths are matched after normalisation, so it could never match",
+        )
+    path = text.encode("ascii")
+    try:
+        canonical = canonicalize(path, allow)
+    except PathRefused as refused:
+        code = refused.refusal.value
+        hint = None
+        if what == "prefix" and code in _OPT_OUTS:
+            hint = f'add "{code}" to the rule\'s allow list to accept it'
+        raise _bad(where, f"{what} is not a clean path ({code})", text, hint=hint) from None
+    if canonical != path:
+        shown = _toml_string(canonical.decode("ascii", "backslashreplace"))
+        raise _bad(where, f"{what} could never match, its canonical form is {shown}", text)
+    return path
+
+
+def _rule_upstream(value: object, where: str, upstreams: Collection[str]) -> str:
+    name = _str(value, where)
+    if name not in upstreams:
+        raise _bad(where, "unknown upstream", name, hint=_suggest(name, sorted(upstreams)))
+    return name
+
+
+_RULE_KEYS = ("prefix", "action", "rewrite_to", "upstream", "max_body_bytes", "allow")
+_FALLBACK_KEYS = ("action", "rewrite_to", "upstream", "max_body_bytes")
+_MAX_BODY_BYTES = Rule(name="", prefix=b"", action=Action.DENY).max_body_bytes
+
+
+def _allow(table: Table, where: str) -> frozenset[Refusal]:
+    """The refusals a rule opts out of, for its own prefix only (SPEC 4)."""
+    allow: set[Refusal] = set()
+    for index, item in enumerate(_list(table.get("allow", []), _join(where, "allow"))):
+        item_where = f"{where}.allow[{index}]"
+        text = _str(item, item_where)
+        if text in _OPT_OUTS:
+            allow.add(_OPT_OUTS[text])
+        elif text in {r.value for r in Refusal}:
+            raise _bad(
+                item_where,
+                "this refusal cannot be opted out of",
+                text,
+                hint="allowed: " + ", ".join(_OPT_OUTS),
+            )
+        else:
+            raise _bad(item_where, "unknown refusal", text, hint=_suggest(text, list(_OPT_OUTS)))
+    return frozenset(allow)
+
+
+def _rule_common(
+    name: str,
+    table: Table,
+    where: str,
+    action: Action,
+    prefix: bytes,
+    allow: frozenset[Refusal],
+    upstreams: Collection[str],
+) -> Rule:
+    """The fields rules and fallbacks share, once ``action`` is known."""
+    rewrite_to = None
+    if action is Action.REWRITE:
+        if "rewrite_to" not in table:
+            raise _missing(where, "rewrite_to", hint='required when action is "rewrite"')
+        rewrite_to = _path(table["rewrite_to"], _join(where, "rewrite_to"), "rewrite_to")
+    elif "rewrite_to" in table:
+        raise _bad(
+            _join(where, "rewrite_to"),
+            'rewrite_to is only for action "rewrite"',
+            table["rewrite_to"],
+        )
+    upstream = None
+    if "upstream" in table:
+        upstream = _rule_upstream(table["upstream"], _join(where, "upstream"), upstreams)
+    max_body = _get_int(table, "max_body_bytes", where, _MAX_BODY_BYTES, minimum=0)
+    return Rule(
+        name=name,
+        prefix=prefix,
+        action=action,
+        rewrite_to=rewrite_to,
+        upstream=upstream,
+        max_body_bytes=max_body,
+        allow=allow,
+    )
+
+
+def _rule(name: str, value: object, where: str, upstreams: Collection[str]) -> Rule:
+    table = _table(value, where)
+    _keys(table, where, _RULE_KEYS, required=("prefix", "action"))
+    action = _choice(table["action"], _join(where, "action"), "rule action", _ACTIONS)
+    allow = _allow(table, where)
+    prefix = _path(table["prefix"], _join(where, "prefix"), "prefix", allow)
+    return _rule_common(name, table, where, action, prefix, allow, upstreams)
+
+
+def _fallback(value: object, where: str, upstreams: Collection[str]) -> Rule:
+    if isinstance(value, str):
+        action = _choice(value, where, "fallback action", _FALLBACK_ACTIONS)
+        if action is Action.REWRITE:
+            raise _missing(
+                where,
+                "rewrite_to",
+                hint='write fallback = { action = "rewrite", rewrite_to = "/index.html" }',
+            )
+        table: Table = {}
+    elif isinstance(value, Mapping):
+        table = _table(value, where)
+        _keys(table, where, _FALLBACK_KEYS, required=("action",))
+        action_where = _join(where, "action")
+        action = _choice(table["action"], action_where, "fallback action", _FALLBACK_ACTIONS)
+    else:
+        raise _bad(where, 'expected "deny", "forward" or a table', value)
+    return _rule_common("fallback", table, where, action, b"", frozenset(), upstreams)
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """A resolved policy, before per-listener toggles."""
+
+    rules: tuple[Rule, ...]
+    fallback: Rule
+    #: rule name -> the dotted location that defined it, for error messages
+    origins: Mapping[str, str]
+
+
+def _check_prefixes(rules: Sequence[Rule], blame: Mapping[str, tuple[str, str | None]]) -> None:
+    """Raise for two rules with the same prefix. ``blame`` maps the names of the rules being
+    added (one of them is at fault) to the location and hint to report."""
+    seen: dict[bytes, Rule] = {}
+    for rule in rules:
+        other = seen.setdefault(rule.prefix, rule)
+        if other is rule:
+            continue
+        where, hint = blame[rule.name] if rule.name in blame else blame[other.name]
+        raise _bad(
+            where,
+            f'rules "{other.name}" and "{rule.name}" have the same prefix',
+            rule.prefix.decode("ascii"),
+            hint=hint,
+        )
+
+
+def _merge(
+    base: _Policy | None, added: Sequence[tuple[Rule, str]], fallback: Rule | None
+) -> _Policy:
+    """``base`` with ``added`` rules (replacing same-named ones in place, else appended)."""
+    rules = {rule.name: rule for rule in base.rules} if base else {}
+    origins = dict(base.origins) if base else {}
+    for rule, where in added:
+        rules[rule.name] = rule
+        origins[rule.name] = where
+    _check_prefixes(list(rules.values()), {r.name: (f"{w}.prefix", None) for r, w in added})
+    if fallback is None:
+        fallback = base.fallback if base else Rule(name="fallback", prefix=b"", action=Action.DENY)
+    return _Policy(tuple(rules.values()), fallback, types.MappingProxyType(origins))
+
+
+def _rules_table(value: object, where: str, upstreams: Collection[str]) -> list[tuple[Rule, str]]:
+    table = _table(value, where)
+    out: list[tuple[Rule, str]] = []
+    for name, rule_value in table.items():
+        rule_where = _join(where, name)
+        _name(name, rule_where)
+        if name == "fallback":
+            raise _bad(
+                rule_where,
+                'the rule name "fallback" is reserved',
+                name,
+                hint="set the policy's fallback key instead",
+            )
+        out.append((_rule(name, rule_value, rule_where, upstreams), rule_where))
+    return out
+
+
+def _policies(
+    value: object, where: str, known: Mapping[str, _Policy], upstreams: Collection[str]
+) -> dict[str, _Policy]:
+    """Parse ``[policies]``; ``known`` are the preset policies, extended by same-named ones."""
+    resolved: dict[str, _Policy] = {}
+    names = list(_table(value, where))
+    for name, policy_value in _table(value, where).items():
+        policy_where = _join(where, name)
+        _name(name, policy_where)
+        table = _table(policy_value, policy_where)
+        _keys(table, policy_where, ("extends", "fallback", "rules"))
+        base = known.get(name)
+        if "extends" in table:
+            extends_where = _join(policy_where, "extends")
+            parent = _str(table["extends"], extends_where)
+            if base is not None:
+                raise _bad(
+                    extends_where,
+                    f'a policy named after the preset "{name}" already extends it',
+                    parent,
+                    hint="give the policy another name",
+                )
+            if parent in resolved:
+                base = resolved[parent]
+            elif parent in known:
+                base = known[parent]
+            elif parent == name:
+                raise _bad(extends_where, "a policy cannot extend itself", parent)
+            elif parent in names:
+                raise _bad(
+                    extends_where,
+                    "a policy can only extend one defined before it",
+                    parent,
+                    hint=f"move [policies.{parent}] above [policies.{name}]",
+                )
+            else:
+                choices = [*known, *resolved]
+                raise _bad(extends_where, "unknown policy", parent, hint=_suggest(parent, choices))
+        added = _rules_table(table.get("rules", {}), _join(policy_where, "rules"), upstreams)
+        fallback = None
+        if "fallback" in table:
+            fallback = _fallback(table["fallback"], _join(policy_where, "fallback"), upstreams)
+        resolved[name] = policy = _merge(base, added, fallback)
+        _compile(policy.rules, policy.fallback, policy_where)
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# The preset
+
+
+@dataclass(frozen=True, slots=True)
+class _Toggle:
+    #: the preset policy the rules are added to, or None for every listener without TLS
+    policy: str | None
+    rules: tuple[tuple[Rule, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Preset:
+    version: int
+    policies: Mapping[str, _Policy]
+    toggles: Mapping[str, _Toggle]
+
+
+_PRESET_FILE = "presets/cobrowse.toml"
+_TOGGLE_NAMES = tuple(PresetToggles.__dataclass_fields__)
+
+
+@functools.cache
+def _preset() -> _Preset:
+    text = importlib.resources.files("fastproxy").joinpath(_PRESET_FILE).read_text("utf-8")
+    try:
+        return _parse_preset(tomllib.loads(text))
+    except ConfigError as exc:
+        raise exc.with_source(_PRESET_FILE) from None
+
+
+def _parse_preset(data: Table) -> _Preset:
+    _keys(data, "", ("version", "policies", "toggles"), required=("version", "policies"))
+    version = _int(data["version"], "version", minimum=1)
+    policies = _policies(data["policies"], "policies", {}, ())
+    toggles: dict[str, _Toggle] = {}
+    toggles_table = _table(data.get("toggles", {}), "toggles")
+    _keys(toggles_table, "toggles", _TOGGLE_NAMES, required=_TOGGLE_NAMES)
+    for name, value in toggles_table.items():
+        where = _join("toggles", name)
+        table = _table(value, where)
+        _keys(table, where, ("description", "policy", "listeners", "rules"), required=("rules",))
+        _str(table.get("description", ""), _join(where, "description"))
+        if ("policy" in table) == ("listeners" in table):
+            raise ConfigError('needs exactly one of "policy" and "listeners"', where=where)
+        target = None
+        if "policy" in table:
+            target = _choice(
+                table["policy"], _join(where, "policy"), "policy", {p: p for p in policies}
+            )
+        else:
+            _choice(
+                table["listeners"], _join(where, "listeners"), "listener set", {"plain_http": None}
+            )
+        toggles[name] = _Toggle(
+            target, tuple(_rules_table(table["rules"], _join(where, "rules"), ()))
+        )
+    return _Preset(version, types.MappingProxyType(policies), types.MappingProxyType(toggles))
+
+
+def _toggle_values(toggles: PresetToggles) -> dict[str, bool]:
+    return {
+        "pin_sdk": toggles.pin_sdk,
+        "universal": toggles.universal,
+        "ai": toggles.ai,
+        "acme": toggles.acme,
+    }
+
+
+def _toggled(toggles: PresetToggles) -> tuple[dict[str, _Policy], list[tuple[Rule, str]]]:
+    """The preset policies with the policy toggles applied, and the rules for plain listeners."""
+    preset = _preset()
+    policies = dict(preset.policies)
+    plain: list[tuple[Rule, str]] = []
+    for name, toggle in preset.toggles.items():
+        if not _toggle_values(toggles)[name]:
+            continue
+        if toggle.policy is None:
+            plain.extend((rule, f"presets.cobrowse.{name}") for rule, _ in toggle.rules)
+        else:
+            policies[toggle.policy] = _merge(policies[toggle.policy], toggle.rules, None)
+    return policies, plain
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+
+
+_TOP_KEYS = (
+    "workers",
+    "http_parser",
+    "heartbeat_timeout_s",
+    "graceful_timeout_s",
+    "upstreams",
+    "listeners",
+    "policies",
+    "admin",
+    "presets",
+)
+_UPSTREAM_KEYS = (
+    "servers",
+    "balance",
+    "keepalive",
+    "keepalive_timeout_s",
+    "connect_timeout_s",
+    "first_byte_timeout_s",
+    "read_timeout_s",
+    "tls",
+)
+_LISTENER_KEYS = (
+    "bind",
+    "policy",
+    "upstream",
+    "mode",
+    "tls",
+    "limits",
+    "trusted_proxies",
+    "strip_override_headers",
+    "forwarded_header",
+    "websocket_mode",
+    "refused_methods",
+)
+_LIMIT_KEYS = tuple(Limits.__dataclass_fields__)
+
+_BUILT_IN: Table = types.MappingProxyType(
+    {
+        "upstreams": {"cobrowse": {"servers": [DEFAULT_UPSTREAM]}},
+        "listeners": {
+            "sdk": {"bind": DEFAULT_SDK_BIND, "policy": PRESET_SDK},
+            "agent": {"bind": DEFAULT_AGENT_BIND, "policy": PRESET_AGENT},
+        },
+        "admin": {"bind": DEFAULT_ADMIN_BIND},
+    }
+)
+
+
+def _parse(data: Table, source: str) -> Config:
+    _keys(data, "", _TOP_KEYS)
+    workers = _get_int(data, "workers", "", os.cpu_count() or 1, minimum=1)
+    http_parser = HttpParser.H11
+    if "http_parser" in data:
+        http_parser = _choice(data["http_parser"], "http_parser", "HTTP parser", _PARSERS)
+    toggles = _preset_toggles(data.get("presets", {}))
+
+    if "upstreams" not in data:
+        raise _missing("", "upstreams", hint="at least one [upstreams.NAME] table")
+    upstreams_table = _table(data["upstreams"], "upstreams")
+    if not upstreams_table:
+        raise _bad("upstreams", "at least one upstream is required", upstreams_table)
+    upstreams: dict[str, UpstreamConfig] = {}
+    for name, value in upstreams_table.items():
+        upstreams[name] = _upstream(name, value, _join("upstreams", name))
+
+    presets, plain_rules = _toggled(toggles)
+    policies = dict(presets)
+    policies.update(_policies(data.get("policies", {}), "policies", presets, upstreams))
+
+    if "listeners" not in data:
+        raise _missing("", "listeners", hint="at least one [listeners.NAME] table")
+    listeners_table = _table(data["listeners"], "listeners")
+    if not listeners_table:
+        raise _bad("listeners", "at least one listener is required", listeners_table)
+    listeners: dict[str, ListenerConfig] = {}
+    for name, value in listeners_table.items():
+        where = _join("listeners", name)
+        listener = _listener(name, value, where, policies, upstreams, plain_rules)
+        for other in listeners.values():
+            _check_bind(listener.bind, _join(where, "bind"), f"listeners.{other.name}", other.bind)
+        listeners[name] = listener
+
+    admin: AdminConfig | None = AdminConfig(_bind_address(DEFAULT_ADMIN_BIND, "admin.bind"))
+    if "admin" in data:
+        admin = _admin(data["admin"])
+    if admin is not None:
+        for other in listeners.values():
+            _check_bind(admin.bind, "admin.bind", f"listeners.{other.name}", other.bind)
+
+    return Config(
+        source=source,
+        workers=workers,
+        listeners=types.MappingProxyType(listeners),
+        upstreams=types.MappingProxyType(upstreams),
+        admin=admin,
+        presets=toggles,
+        http_parser=http_parser,
+        heartbeat_timeout_s=_get_seconds(data, "heartbeat_timeout_s", "", HEARTBEAT_TIMEOUT_S),
+        graceful_timeout_s=_get_seconds(data, "graceful_timeout_s", "", GRACEFUL_TIMEOUT_S),
+    )
+
+
+def _preset_toggles(value: object) -> PresetToggles:
+    presets = _table(value, "presets")
+    _keys(presets, "presets", ("cobrowse",))
+    table = _table(presets.get("cobrowse", {}), "presets.cobrowse")
+    where = "presets.cobrowse"
+    _keys(table, where, _TOGGLE_NAMES)
+    return PresetToggles(
+        pin_sdk=_get_bool(table, "pin_sdk", where, False),
+        universal=_get_bool(table, "universal", where, False),
+        ai=_get_bool(table, "ai", where, False),
+        acme=_get_bool(table, "acme", where, False),
+    )
+
+
+def _upstream(name: str, value: object, where: str) -> UpstreamConfig:
+    _name(name, where)
+    table = _table(value, where)
+    _keys(table, where, _UPSTREAM_KEYS, required=("servers",))
+    if "tls" in table:
+        raise _bad(_join(where, "tls"), "TLS to upstreams is not supported yet", table["tls"])
+    servers_where = _join(where, "servers")
+    items = _list(table["servers"], servers_where)
+    if not items:
+        raise _bad(servers_where, "at least one server is required", items)
+    servers: list[Address] = []
+    for index, item in enumerate(items):
+        address = _server_address(item, f"{servers_where}[{index}]")
+        if address in servers:
+            raise _bad(f"{servers_where}[{index}]", "server listed twice", item)
+        servers.append(address)
+    defaults = UpstreamConfig(name, ())
+    balance = defaults.balance
+    if "balance" in table:
+        balance = _choice(table["balance"], _join(where, "balance"), "balance", _BALANCES)
+    return UpstreamConfig(
+        name=name,
+        servers=tuple(servers),
+        balance=balance,
+        keepalive=_get_int(table, "keepalive", where, defaults.keepalive, minimum=0),
+        keepalive_timeout_s=_get_seconds(
+            table, "keepalive_timeout_s", where, defaults.keepalive_timeout_s
+        ),
+        connect_timeout_s=_get_seconds(
+            table, "connect_timeout_s", where, defaults.connect_timeout_s
+        ),
+        first_byte_timeout_s=_get_seconds(
+            table, "first_byte_timeout_s", where, defaults.first_byte_timeout_s
+        ),
+        read_timeout_s=_get_seconds(table, "read_timeout_s", where, defaults.read_timeout_s),
+    )
+
+
+def _listener(
+    name: str,
+    value: object,
+    where: str,
+    policies: Mapping[str, _Policy],
+    upstreams: Mapping[str, UpstreamConfig],
+    plain_rules: Sequence[tuple[Rule, str]],
+) -> ListenerConfig:
+    _name(name, where)
+    table = _table(value, where)
+    _keys(table, where, _LISTENER_KEYS, required=("bind", "policy"))
+    bind = _bind_address(table["bind"], _join(where, "bind"))
+
+    tls: TlsConfig | None = None
+    if "tls" in table:
+        tls_where = _join(where, "tls")
+        _tls(table["tls"], tls_where)  # checked first, so a wrong key is reported as such
+        raise _bad(
+            tls_where,
+            "TLS termination is not supported yet",
+            table["tls"],
+            hint="terminate TLS in front of fastproxy, or remove the tls key",
+        )
+
+    policy_where = _join(where, "policy")
+    policy_name = _str(table["policy"], policy_where)
+    if policy_name not in policies:
+        raise _bad(
+            policy_where, "unknown policy", policy_name, _suggest(policy_name, list(policies))
+        )
+    policy = policies[policy_name]
+    rules = list(policy.rules)
+    if tls is None:
+        # A rule of the listener's policy wins over a toggle's rule of the same name.
+        rules.extend(rule for rule, _ in plain_rules if rule.name not in policy.origins)
+        _check_prefixes(
+            rules, {r.name: (policy_where, f"{w} adds {r.name}") for r, w in plain_rules}
+        )
+    _compile(tuple(rules), policy.fallback, policy_where)
+
+    if "upstream" in table:
+        upstream = _rule_upstream(table["upstream"], _join(where, "upstream"), upstreams)
+    elif len(upstreams) == 1:
+        upstream = next(iter(upstreams))
+    else:
+        raise _missing(where, "upstream", hint="required when there is more than one upstream")
+
+    mode = Mode.ENFORCE
+    if "mode" in table:
+        mode = _choice(table["mode"], _join(where, "mode"), "mode", _MODES)
+    ws_mode = WebSocketMode.VALIDATE
+    if "websocket_mode" in table:
+        ws_where = _join(where, "websocket_mode")
+        ws_mode = _choice(table["websocket_mode"], ws_where, "websocket mode", _WS_MODES)
+    strip = None
+    if "strip_override_headers" in table:
+        strip = _bool(table["strip_override_headers"], _join(where, "strip_override_headers"))
+    defaults = ListenerConfig(name, bind, policy_name, (), policy.fallback, upstream)
+    refused = defaults.refused_methods
+    if "refused_methods" in table:
+        refused = _methods(table["refused_methods"], _join(where, "refused_methods"))
+    proxies_where = _join(where, "trusted_proxies")
+    proxies = tuple(
+        _network(item, f"{proxies_where}[{index}]")
+        for index, item in enumerate(_list(table.get("trusted_proxies", []), proxies_where))
+    )
+    return ListenerConfig(
+        name=name,
+        bind=bind,
+        policy=policy_name,
+        rules=tuple(rules),
+        fallback=policy.fallback,
+        upstream=upstream,
+        mode=mode,
+        tls=tls,
+        limits=_limits(table.get("limits", {}), _join(where, "limits")),
+        trusted_proxies=proxies,
+        strip_override_headers=strip,
+        forwarded_header=_get_bool(table, "forwarded_header", where, defaults.forwarded_header),
+        websocket_mode=ws_mode,
+        refused_methods=refused,
+    )
+
+
+def _tls(value: object, where: str) -> TlsConfig:
+    table = _table(value, where)
+    _keys(table, where, ("cert", "key"), required=("cert", "key"))
+    return TlsConfig(
+        cert=_str(table["cert"], _join(where, "cert")), key=_str(table["key"], _join(where, "key"))
+    )
+
+
+def _compile(rules: tuple[Rule, ...], fallback: Rule, where: str) -> None:
+    """Build the listener's prefix table once, so an inconsistent policy fails at load."""
+    try:
+        PrefixTable(rules, fallback)
+    except ValueError as exc:
+        raise ConfigError(str(exc), where=where) from None
+
+
+def _methods(value: object, where: str) -> frozenset[bytes]:
+    methods: set[bytes] = set()
+    for index, item in enumerate(_list(value, where)):
+        item_where = f"{where}[{index}]"
+        text = _str(item, item_where)
+        if not _TOKEN_RE.fullmatch(text):
+            raise _bad(item_where, "not an HTTP method name", text)
+        methods.add(text.upper().encode("ascii"))
+    return frozenset(methods)
+
+
+def _limits(value: object, where: str) -> Limits:
+    table = _table(value, where)
+    _keys(table, where, _LIMIT_KEYS)
+    d = Limits()
+    limits = Limits(
+        max_head_bytes=_get_int(table, "max_head_bytes", where, d.max_head_bytes, minimum=1),
+        max_headers=_get_int(table, "max_headers", where, d.max_headers, minimum=1),
+        max_uri_bytes=_get_int(table, "max_uri_bytes", where, d.max_uri_bytes, minimum=1),
+        header_timeout_s=_get_seconds(table, "header_timeout_s", where, d.header_timeout_s),
+        keepalive_timeout_s=_get_seconds(
+            table, "keepalive_timeout_s", where, d.keepalive_timeout_s
+        ),
+        max_connections=_get_int(table, "max_connections", where, d.max_connections, minimum=1),
+        max_connections_per_client=_get_int(
+            table, "max_connections_per_client", where, d.max_connections_per_client, minimum=0
+        ),
+        ws_idle_timeout_s=_get_seconds(table, "ws_idle_timeout_s", where, d.ws_idle_timeout_s),
+        ws_ping_interval_s=_get_seconds(table, "ws_ping_interval_s", where, d.ws_ping_interval_s),
+        ws_max_message_bytes=_get_int(
+            table, "ws_max_message_bytes", where, d.ws_max_message_bytes, minimum=1
+        ),
+    )
+    if limits.ws_ping_interval_s >= limits.ws_idle_timeout_s:
+        raise _bad(
+            _join(where, "ws_ping_interval_s"),
+            f"must be shorter than ws_idle_timeout_s ({limits.ws_idle_timeout_s})",
+            limits.ws_ping_interval_s,
+        )
+    return limits
+
+
+def _admin(value: object) -> AdminConfig | None:
+    if value is False:
+        return None
+    if value is True:
+        return AdminConfig(_bind_address(DEFAULT_ADMIN_BIND, "admin.bind"))
+    if not isinstance(value, Mapping):
+        raise _bad("admin", "expected a table or false", value)
+    table = _table(value, "admin")
+    _keys(table, "admin", ("bind",), required=("bind",))
+    return AdminConfig(_bind_address(table["bind"], "admin.bind"))
+
+
+def _check_bind(bind: Address, where: str, other_where: str, other: Address) -> None:
+    if not _overlaps(bind, other):
+        return
+    hint = None
+    if bind != other:
+        wildcard = bind if ipaddress.ip_address(bind.host).is_unspecified else other
+        hint = f"{_toml_string(str(wildcard))} covers every address of its family on that port"
+    raise _bad(
+        where,
+        f"address already used by {other_where} ({_toml_string(str(other))})",
+        str(bind),
+        hint=hint,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dump
+
+
+def _dump(config: Config) -> str:
+    lines = [
+        "# fastproxy configuration, fully expanded: every default written out and each policy",
+        f"# with all its rules (Cobrowse preset version {preset_version()} and toggles applied).",
+        "# Read from " + config.source.replace("\n", " ") + ".",
+        "",
+        f"workers = {_toml(config.workers)}",
+        f"http_parser = {_toml(config.http_parser.value)}",
+        f"heartbeat_timeout_s = {_toml(config.heartbeat_timeout_s)}",
+        f"graceful_timeout_s = {_toml(config.graceful_timeout_s)}",
+    ]
+    if config.admin is None:
+        lines.append("admin = false")
+
+    def section(header: str, items: Sequence[tuple[str, object]]) -> None:
+        lines.extend(["", f"[{header}]"])
+        lines.extend(f"{_toml_key(k)} = {_toml(v)}" for k, v in items)
+
+    toggles = config.presets
+    section("presets.cobrowse", list(_toggle_values(toggles).items()))
+    if config.admin is not None:
+        section("admin", [("bind", str(config.admin.bind))])
+    for name, up in config.upstreams.items():
+        section(
+            f"upstreams.{_toml_key(name)}",
+            [
+                ("servers", [str(s) for s in up.servers]),
+                ("balance", up.balance.value),
+                ("keepalive", up.keepalive),
+                ("keepalive_timeout_s", up.keepalive_timeout_s),
+                ("connect_timeout_s", up.connect_timeout_s),
+                ("first_byte_timeout_s", up.first_byte_timeout_s),
+                ("read_timeout_s", up.read_timeout_s),
+            ],
+        )
+    policies: dict[str, list[ListenerConfig]] = {}
+    for name, lis in config.listeners.items():
+        policies.setdefault(lis.policy, []).append(lis)
+        items: list[tuple[str, object]] = [
+            ("bind", str(lis.bind)),
+            ("policy", lis.policy),
+            ("upstream", lis.upstream),
+            ("mode", lis.mode.value),
+        ]
+        if lis.tls is not None:
+            items.append(("tls", {"cert": lis.tls.cert, "key": lis.tls.key}))
+        items += [
+            ("trusted_proxies", [str(n) for n in lis.trusted_proxies]),
+            ("forwarded_header", lis.forwarded_header),
+            ("websocket_mode", lis.websocket_mode.value),
+            ("refused_methods", sorted(m.decode("ascii") for m in lis.refused_methods)),
+        ]
+        if lis.strip_override_headers is not None:
+            items.append(("strip_override_headers", lis.strip_override_headers))
+        key = _toml_key(name)
+        section(f"listeners.{key}", items)
+        limits = lis.limits
+        section(
+            f"listeners.{key}.limits",
+            [(k, getattr(limits, k)) for k in _LIMIT_KEYS],
+        )
+    for policy_name, users in policies.items():
+        rules, fallback = _dump_policy_rules(config, users)
+        key = _toml_key(policy_name)
+        section(f"policies.{key}", [("fallback", _rule_items(fallback, with_prefix=False))])
+        for rule in rules:
+            section(f"policies.{key}.rules.{_toml_key(rule.name)}", list(_rule_items(rule).items()))
+    return "\n".join(lines) + "\n"
+
+
+def _dump_policy_rules(
+    config: Config, users: Sequence[ListenerConfig]
+) -> tuple[tuple[Rule, ...], Rule]:
+    """The rules to write for a policy shared by ``users``. They are the same for every
+    listener, except that listeners without TLS also hold the per-listener toggle rules; those
+    are then left out, since loading re-adds them."""
+    first = users[0]
+    if all(u.rules == first.rules and u.fallback == first.fallback for u in users):
+        return first.rules, first.fallback
+    _, plain = _toggled(config.presets)
+    extra = {rule for rule, _ in plain}
+    rules = tuple(r for r in first.rules if r not in extra)
+    return rules, first.fallback
+
+
+def _rule_items(rule: Rule, *, with_prefix: bool = True) -> dict[str, object]:
+    items: dict[str, object] = {}
+    if with_prefix:
+        items["prefix"] = rule.prefix.decode("ascii")
+    items["action"] = rule.action.value
+    if rule.rewrite_to is not None:
+        items["rewrite_to"] = rule.rewrite_to.decode("ascii")
+    if rule.upstream is not None:
+        items["upstream"] = rule.upstream
+    items["max_body_bytes"] = rule.max_body_bytes
+    if with_prefix:
+        items["allow"] = sorted(r.value for r in rule.allow)
+    return items
