@@ -1,0 +1,611 @@
+"""The pre-fork supervisor: bind, fork, watch heartbeats, reap, respawn, stop.
+
+Imports from fastproxy only ``errors``, ``config``, ``log`` and ``metrics``; ``worker`` is imported
+lazily, and only for its ``run`` entry point, so the master never loads asyncio or uvloop itself.
+
+Theory of operation (gunicorn's arbiter, made smaller and typed):
+
+- ``run`` binds every listener and the admin socket, raises ``RLIMIT_NOFILE``, empties the
+  metrics directory, installs the signal handlers and forks ``config.workers`` children. Each
+  child inherits the bound sockets and the write end of its own heartbeat pipe.
+- The main loop waits (at most ``SELECT_TIMEOUT_S``) on a self-pipe that ``signal.set_wakeup_fd``
+  writes to and on every heartbeat pipe, then: dispatches queued signals to ``handle_<signame>``,
+  reaps with ``waitpid(-1, WNOHANG)``, kills workers whose heartbeat went stale, and spawns
+  workers up to the target count.
+- A worker that exits with ``EXIT_WORKER_BOOT`` before its first heartbeat byte failed to boot:
+  the master stops everything and exits 3 instead of respawning a broken build forever. Any other
+  exit is a crash, answered with a WARNING and a throttled respawn.
+
+Invariants:
+
+- Signal handlers only append to a queue; they never log (a handler may interrupt a log call
+  that holds the handler's lock).
+- The master is single-threaded, never creates an event loop and never serves traffic.
+- No worker outlives ``run``: every way out (stop, ``HaltServer``, any exception) goes through a
+  ``finally`` that SIGKILLs and reaps the remaining children. On Linux each child also asks the
+  kernel for SIGTERM when the master dies without cleaning up.
+- The forked child never returns into the master's code: its entry point ends in ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import NoReturn
+
+from fastproxy import log, metrics
+from fastproxy.config import Address, Config
+from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, FastproxyError, HaltServer
+
+logger = logging.getLogger(__name__)
+
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+WorkerTarget = Callable[[Config, Mapping[str, socket.socket], socket.socket | None, int], None]
+
+#: listen(2) backlog; the kernel caps it at net.core.somaxconn. nginx uses 511, HAProxy and
+#: gunicorn 2048: bursts of SDK reconnects after a deploy are what this absorbs.
+LISTEN_BACKLOG = 2048
+#: longest the main loop sleeps; heartbeat checks and delayed respawns run at this resolution
+SELECT_TIMEOUT_S = 1.0
+#: a worker still alive this long after SIGABRT (missed heartbeat) gets SIGKILL
+KILL_AFTER_ABORT_S = 5.0
+#: crash-loop throttle: this many unexpected exits of one slot within the window respawn at
+#: once; beyond that each respawn waits twice as long as the last, up to the maximum
+RESPAWN_BURST = 5
+RESPAWN_WINDOW_S = 10.0
+RESPAWN_BACKOFF_START_S = 1.0
+RESPAWN_BACKOFF_MAX_S = 30.0
+#: a worker that lived this long before it crashed resets its slot's throttle
+RESPAWN_STABLE_S = 10.0
+#: bytes read from a heartbeat pipe at once; the worker writes one per tick
+HEARTBEAT_READ_BYTES = 4096
+#: what a SIGQUIT (fast stop) or an escalated stop waits for SIGKILLed workers to be reaped
+FAST_STOP_TIMEOUT_S = 5.0
+#: RLIMIT_NOFILE to aim for when the hard limit is unlimited (Linux fs.nr_open default)
+NOFILE_WHEN_UNLIMITED = 1 << 20
+
+#: signals the master handles; each has a ``handle_<name>`` method, except SIGCHLD, whose only
+#: job is to wake the loop so that reaping happens at once
+HANDLED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+
+
+class BindError(FastproxyError):
+    """A listening socket could not be bound; ``str()`` names the listener and the address."""
+
+
+@dataclass(slots=True)
+class Worker:
+    """The master's view of one child."""
+
+    pid: int
+    #: index in ``range(config.workers)``; a respawn takes over the slot of the dead worker
+    slot: int
+    #: read end of the heartbeat pipe, or -1 once closed
+    heartbeat_fd: int
+    #: ``time.monotonic()`` at fork
+    started: float
+    #: ``time.monotonic()`` of the last heartbeat byte (of the fork until the first byte)
+    last_beat: float
+    #: the worker sent its first heartbeat byte: it is accepting
+    ready: bool = False
+    #: ``time.monotonic()`` when the master sent SIGABRT for a stale heartbeat
+    aborted_at: float | None = None
+    #: the master already sent SIGKILL
+    killed: bool = False
+
+
+@dataclass(slots=True)
+class Slot:
+    """Respawn bookkeeping for one worker slot, kept across the workers that fill it."""
+
+    #: ``time.monotonic()`` of recent unexpected exits, oldest first
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    #: the current respawn delay; 0 while the slot is not crash-looping
+    backoff_s: float = 0.0
+    #: ``time.monotonic()`` before which the slot is not refilled
+    not_before: float = 0.0
+
+
+def bind_listener(where: str, address: Address) -> socket.socket:
+    """Return a non-blocking socket listening on ``address``; ``BindError`` names ``where``."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise BindError(f"{where}: cannot bind {address}: {err}") from err
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # As nginx does: "[::]:443" is IPv6 only, so an IPv4 listener may share the port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise BindError(f"{where}: cannot bind {address}: {err}") from err
+    return sock
+
+
+def describe_exit(status: int) -> str:
+    """Return why a child with wait ``status`` ended, for a log line."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        if signum == signal.SIGKILL:
+            return f"killed by {name} (perhaps out of memory?)"
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        if code == EXIT_WORKER_BOOT:
+            return f"exited with code {code} (an exception escaped it, traceback logged)"
+        return f"exited with code {code}"
+    return f"ended with wait status {status}"
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit: each connection costs two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as err:
+        logger.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, err)
+    else:
+        logger.debug("open-files limit raised from %d to %d", soft, target)
+
+
+def _ask_for_death_signal(master_pid: int) -> None:
+    """Have the kernel SIGTERM this child when the master dies (Linux ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # only the child needs it, only on Linux
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != master_pid:
+        # The master died between fork and prctl: the signal will never come.
+        os._exit(EXIT_OK)
+
+
+class Master:
+    """Supervise a pool of forked workers serving ``config``; ``run()`` returns the exit code."""
+
+    def __init__(self, config: Config, *, worker_target: WorkerTarget | None = None) -> None:
+        if worker_target is None:
+            # Imported here so that importing the master does not load asyncio and uvloop.
+            from fastproxy.worker import run
+
+            worker_target = run
+        self._config = config
+        self._worker_target = worker_target
+        self._pid = os.getpid()
+        self._sockets: dict[str, socket.socket] = {}
+        self._admin_socket: socket.socket | None = None
+        self._workers: dict[int, Worker] = {}
+        self._slots = [Slot() for _ in range(config.workers)]
+        self._signal_queue: collections.deque[int] = collections.deque()
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+        self._previous_handlers: dict[int, _Handler] = {}
+        self._all_ready_announced = False
+        self._stopping = False
+        self._exit_code: int | None = None
+        self._metrics_dir: str | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Bind, fork the workers and supervise them until stopped; return the exit code.
+
+        Raises ``BindError`` before any child exists when a socket cannot be bound.
+        """
+        try:
+            self._bind_all()
+            raise_nofile_limit()
+            self._metrics_dir = metrics.prepare_multiproc_dir()
+            self._install_signals()
+            self._manage_workers()
+            while True:
+                self._wait_for_events(SELECT_TIMEOUT_S)
+                self._dispatch_signals()
+                if self._exit_code is not None:
+                    return self._exit_code
+                self._reap_workers()
+                self._murder_workers()
+                self._manage_workers()
+        except HaltServer as halt:
+            logger.error("%s; stopping", halt.reason)
+            self._stop(graceful=True)
+            return halt.exit_code
+        finally:
+            self._kill_and_reap_all()
+            self._close_sockets()
+            self._restore_signals()
+            self._selector.close()
+            if self._metrics_dir is not None:
+                metrics.remove_multiproc_dir(self._metrics_dir)
+
+    def _stop(self, *, graceful: bool) -> None:
+        """Close the listeners, stop the workers and wait; what outlives the wait gets SIGKILL."""
+        self._stopping = True
+        self._close_sockets()
+        if graceful:
+            timeout = self._config.graceful_timeout_s
+            logger.info(
+                "stopping %d workers gracefully (up to %.0f s)", len(self._workers), timeout
+            )
+            self._signal_workers(signal.SIGTERM)
+        else:
+            timeout = FAST_STOP_TIMEOUT_S
+            logger.info("stopping %d workers now", len(self._workers))
+            self._signal_workers(signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self._workers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wait_for_events(min(SELECT_TIMEOUT_S, remaining))
+            while self._signal_queue:
+                signum = self._signal_queue.popleft()
+                if graceful and signum in (signal.SIGINT, signal.SIGQUIT):
+                    # A second Ctrl-C, or an explicit fast stop, cuts the drain short.
+                    logger.info("%s during a graceful stop: killing the workers now", _name(signum))
+                    graceful = False
+                    self._signal_workers(signal.SIGKILL)
+                    deadline = time.monotonic() + FAST_STOP_TIMEOUT_S
+            self._reap_workers()
+        if self._workers:
+            logger.warning(
+                "%d workers did not stop within %.0f s; killing them", len(self._workers), timeout
+            )
+
+    def _kill_and_reap_all(self) -> None:
+        """SIGKILL and reap every remaining worker (the last line of ``run``)."""
+        self._stopping = True
+        self._signal_workers(signal.SIGKILL)
+        for pid in list(self._workers):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self._forget(self._workers[pid])
+            self._mark_dead(pid)
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Queue ``signum`` for the main loop. NO LOGGING here, nor anything that takes a lock."""
+        if signum != signal.SIGCHLD:
+            self._signal_queue.append(signum)
+
+    def _restore_signals(self) -> None:
+        if self._wakeup_w == -1:
+            return
+        signal.set_wakeup_fd(-1)
+        for signum, previous in self._previous_handlers.items():
+            # None: the previous handler was not installed from Python and cannot be put back.
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous_handlers.clear()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.close(fd)
+        self._wakeup_r = self._wakeup_w = -1
+
+    def _dispatch_signals(self) -> None:
+        while self._signal_queue and self._exit_code is None:
+            signum = self._signal_queue.popleft()
+            handler: Callable[[], None] = getattr(self, "handle_" + _name(signum)[3:].lower())
+            handler()
+
+    def handle_term(self) -> None:
+        """SIGTERM: stop accepting, let the workers drain, exit 0."""
+        logger.info("SIGTERM received: graceful stop")
+        self._stop(graceful=True)
+        self._exit_code = EXIT_OK
+
+    def handle_int(self) -> None:
+        """SIGINT (Ctrl-C): the same graceful stop as SIGTERM; a second one kills the workers."""
+        logger.info("SIGINT received: graceful stop")
+        self._stop(graceful=True)
+        self._exit_code = EXIT_OK
+
+    def handle_quit(self) -> None:
+        """SIGQUIT: fast stop, the workers are killed without draining."""
+        logger.info("SIGQUIT received: fast stop")
+        self._stop(graceful=False)
+        self._exit_code = EXIT_OK
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload the configuration into the live workers (not implemented yet)."""
+        logger.warning("reload is not implemented yet; restart to apply a new configuration")
+
+    def handle_usr1(self) -> None:
+        """SIGUSR1: reopen log files after rotation."""
+        count = log.reopen()
+        logger.info("SIGUSR1 received: reopened %d log files in the master", count)
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _manage_workers(self) -> None:
+        """Fill every empty slot whose respawn delay has passed."""
+        if self._stopping:
+            return
+        busy = {worker.slot for worker in self._workers.values()}
+        now = time.monotonic()
+        for index, slot in enumerate(self._slots):
+            if index not in busy and now >= slot.not_before:
+                self._spawn_worker(index)
+
+    def _spawn_worker(self, slot: int) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        # Whatever sits in the stdio buffers would otherwise be written twice.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Blocked across the fork: a signal sent to the new child before it has put back the
+        # default handlers stays pending instead of landing in the master's queue (in the child's
+        # memory), and is delivered once the child unblocks.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                self._run_child(write_fd)
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        os.close(write_fd)
+        now = time.monotonic()
+        worker = Worker(pid=pid, slot=slot, heartbeat_fd=read_fd, started=now, last_beat=now)
+        self._workers[pid] = worker
+        self._selector.register(read_fd, selectors.EVENT_READ, worker)
+        logger.info("worker %d started", pid)
+
+    def _run_child(self, heartbeat_fd: int) -> NoReturn:
+        """The child's entry point: reset what belongs to the master, run the worker, ``_exit``."""
+        code = EXIT_WORKER_BOOT
+        try:
+            self._reset_in_child()
+            _ask_for_death_signal(self._pid)
+            self._worker_target(self._config, self._sockets, self._admin_socket, heartbeat_fd)
+            code = EXIT_OK
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else 1)
+        except BaseException:
+            # Whether this was a boot failure is for the master to judge: it knows whether a
+            # heartbeat byte was ever sent.
+            logger.exception("worker %d failed", os.getpid())
+            code = EXIT_WORKER_BOOT
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _reset_in_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        # A terminal (Ctrl-C, hangup) or a "kill -<sig> -<pgid>" signals the whole process group.
+        # INT, HUP and USR1 are requests to the master, which turns them into what the workers
+        # must do; their default action (terminate) would kill every worker at once. The worker
+        # may install its own handlers for them.
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        self._signal_queue.clear()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.close(fd)
+        for sibling in self._workers.values():
+            if sibling.heartbeat_fd != -1:
+                os.close(sibling.heartbeat_fd)
+        # The epoll descriptor belongs to the master; closing it unregisters nothing there.
+        self._selector.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _wait_for_events(self, timeout: float) -> None:
+        """Sleep until a signal, a heartbeat byte or ``timeout``; record heartbeats."""
+        for key, _events in self._selector.select(timeout):
+            if key.fd == self._wakeup_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wakeup_r, HEARTBEAT_READ_BYTES):
+                        pass
+            else:
+                worker: Worker = key.data
+                self._read_heartbeat(worker)
+
+    def _read_heartbeat(self, worker: Worker) -> None:
+        if worker.heartbeat_fd == -1:
+            return
+        try:
+            data = os.read(worker.heartbeat_fd, HEARTBEAT_READ_BYTES)
+        except BlockingIOError:
+            return
+        if not data:
+            # The worker closed its end (it is exiting); stop polling an fd that stays readable.
+            self._close_heartbeat(worker)
+            return
+        worker.last_beat = time.monotonic()
+        if not worker.ready:
+            worker.ready = True
+            if not self._all_ready_announced and self._all_ready():
+                self._all_ready_announced = True
+                logger.info("all %d workers ready", len(self._workers))
+                self._notify_ready()
+
+    def _all_ready(self) -> bool:
+        return len(self._workers) == self._config.workers and all(
+            worker.ready for worker in self._workers.values()
+        )
+
+    def _notify_ready(self) -> None:
+        """Every worker is accepting: where systemd ``READY=1`` will be sent."""
+
+    def _close_heartbeat(self, worker: Worker) -> None:
+        if worker.heartbeat_fd != -1:
+            self._selector.unregister(worker.heartbeat_fd)
+            os.close(worker.heartbeat_fd)
+            worker.heartbeat_fd = -1
+
+    def _forget(self, worker: Worker) -> None:
+        # Bytes written just before the exit still count: they decide boot failure or crash.
+        self._read_heartbeat(worker)
+        self._close_heartbeat(worker)
+        del self._workers[worker.pid]
+
+    def _reap_workers(self) -> None:
+        """Collect every exited child; judge each worker's exit."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self._workers.get(pid)
+            if worker is None:
+                logger.info("child %d (not a worker) %s", pid, describe_exit(status))
+                continue
+            self._forget(worker)
+            self._mark_dead(pid)
+            self._judge_exit(worker, status)
+
+    def _judge_exit(self, worker: Worker, status: int) -> None:
+        cause = describe_exit(status)
+        if self._stopping:
+            logger.info("worker %d stopped: %s", worker.pid, cause)
+            return
+        if not worker.ready and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_WORKER_BOOT:
+            raise HaltServer(f"worker {worker.pid} failed to boot", EXIT_WORKER_BOOT)
+        if worker.aborted_at is not None:
+            cause += f" after missing its heartbeat for {self._config.heartbeat_timeout_s:.0f} s"
+        now = time.monotonic()
+        slot = self._slots[worker.slot]
+        if now - worker.started >= RESPAWN_STABLE_S:
+            slot.crashes.clear()
+            slot.backoff_s = 0.0
+        while slot.crashes and now - slot.crashes[0] > RESPAWN_WINDOW_S:
+            slot.crashes.popleft()
+        slot.crashes.append(now)
+        if slot.backoff_s > 0 or len(slot.crashes) > RESPAWN_BURST:
+            slot.backoff_s = min(
+                RESPAWN_BACKOFF_MAX_S, max(RESPAWN_BACKOFF_START_S, slot.backoff_s * 2)
+            )
+            slot.not_before = now + slot.backoff_s
+            logger.warning(
+                "worker %d %s; slot %d is crash-looping, respawning in %.0f s",
+                worker.pid,
+                cause,
+                worker.slot,
+                slot.backoff_s,
+            )
+        else:
+            slot.not_before = now
+            logger.warning("worker %d %s; respawning", worker.pid, cause)
+
+    def _murder_workers(self) -> None:
+        """SIGABRT a worker whose heartbeat is stale; SIGKILL it if SIGABRT did not end it."""
+        now = time.monotonic()
+        timeout = self._config.heartbeat_timeout_s
+        for worker in self._workers.values():
+            if worker.aborted_at is None:
+                if now - worker.last_beat > timeout:
+                    logger.warning(
+                        "worker %d sent no heartbeat for %.0f s; sending SIGABRT",
+                        worker.pid,
+                        now - worker.last_beat,
+                    )
+                    worker.aborted_at = now
+                    self._kill(worker, signal.SIGABRT)
+            elif not worker.killed and now - worker.aborted_at > KILL_AFTER_ABORT_S:
+                logger.warning("worker %d survived SIGABRT; sending SIGKILL", worker.pid)
+                self._kill(worker, signal.SIGKILL)
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in self._workers.values():
+            self._kill(worker, signum)
+
+    def _kill(self, worker: Worker, signum: int) -> None:
+        if worker.killed:
+            return
+        if signum == signal.SIGKILL:
+            worker.killed = True
+        # Exited but not reaped yet: the pid is still ours, so this cannot hit another process.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signum)
+
+    @staticmethod
+    def _mark_dead(pid: int) -> None:
+        metrics.mark_process_dead(pid)
+
+    # -- sockets ------------------------------------------------------------------------------
+
+    def _bind_all(self) -> None:
+        for name, listener in self._config.listeners.items():
+            sock = bind_listener(f"listeners.{name}", listener.bind)
+            self._sockets[name] = sock
+            logger.info(
+                "listening on %s (listener %s, policy %s)",
+                _sockname(sock),
+                name,
+                listener.policy,
+                extra={"listener": name},
+            )
+        if self._config.admin is not None:
+            self._admin_socket = bind_listener("admin", self._config.admin.bind)
+            logger.info("admin listening on %s", _sockname(self._admin_socket))
+
+    def _close_sockets(self) -> None:
+        """Close the master's copies of the listening sockets (the workers keep theirs)."""
+        for sock in self._sockets.values():
+            sock.close()
+        if self._admin_socket is not None:
+            self._admin_socket.close()
+
+
+def _name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return str(Address(host, port))
