@@ -74,7 +74,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 from fastproxy.errors import ConfigError
-from fastproxy.policy import Action, PathRefused, PrefixTable, Refusal, Rule, canonicalize
+from fastproxy.policy import (
+    FIXED_REFUSALS,
+    Action,
+    PathRefused,
+    PrefixTable,
+    Refusal,
+    Rule,
+    canonicalize,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -436,20 +444,7 @@ _BALANCES: Mapping[str, Balance] = {b.value: b for b in Balance}
 _WS_MODES: Mapping[str, WebSocketMode] = {m.value: m for m in WebSocketMode}
 _PARSERS: Mapping[str, HttpParser] = {p.value: p for p in HttpParser}
 #: refusals a rule may opt out of for its own prefix (SPEC 4); the others are never safe
-_OPT_OUTS: Mapping[str, Refusal] = {
-    r.value: r
-    for r in (
-        Refusal.ENCODED_SLASH,
-        Refusal.ENCODED_BACKSLASH,
-        Refusal.ENCODED_CONTROL,
-        Refusal.RAW_BACKSLASH,
-        Refusal.MALFORMED_ESCAPE,
-        Refusal.DOUBLE_ENCODING,
-        Refusal.SEMICOLON,
-        Refusal.ENCODED_NON_ASCII,
-        Refusal.DOT_WHITESPACE,
-    )
-}
+_OPT_OUTS: Mapping[str, Refusal] = {r.value: r for r in Refusal if r not in FIXED_REFUSALS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -680,8 +680,7 @@ ERRORS = [
         BASE + '[policies.p.rules.r]\nprefix = "/x/"\naction = "forward"\nallow = ["above_root"]\n',
         "fastproxy.toml: policies.p.rules.r.allow[0]: this refusal cannot be opted out of, got "
         '"above_root" (allowed: encoded_slash, encoded_backslash, encoded_control, '
-        "raw_backslash, malformed_escape, double_encoding, semicolon, encoded_non_ascii, "
-        "dot_whitespace)",
+        "raw_backslash, encoded_non_ascii, malformed_escape, double_encoding, semicolon)",
         id="allow-not-opt-out-able",
     ),
     pytest.param(

@@ -1,0 +1,83 @@
+"""The dependency direction of docs/ARCHITECTURE.md, checked on the imports of each module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fastproxy"
+
+# module -> (fastproxy modules it may import, third-party top-level packages it may import)
+ALLOWED: dict[str, tuple[set[str], set[str]]] = {
+    "errors": (set(), set()),
+    "policy": ({"errors"}, set()),
+    "headers": (set(), set()),
+    "config": ({"errors", "policy"}, set()),
+    "http1": ({"headers"}, {"h11"}),
+    "wsrelay": (set(), {"wsproto"}),
+    "metrics": ({"fastproxy"}, {"prometheus_client"}),
+    "log": ({"errors"}, {"orjson"}),
+    "admin": ({"metrics", "fastproxy"}, set()),
+    "upstream": ({"errors", "config", "http1"}, set()),
+    "worker": (
+        {
+            "admin",
+            "config",
+            "errors",
+            "headers",
+            "http1",
+            "metrics",
+            "policy",
+            "upstream",
+            "wsrelay",
+        },
+        {"uvloop", "orjson"},
+    ),
+    "master": ({"errors", "config", "log", "metrics", "worker"}, set()),
+    "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
+    "cli": ({"errors", "config", "log", "master", "policy", "demo", "fastproxy"}, set()),
+    "__init__": (set(), set()),
+    "__main__": ({"cli"}, set()),
+}
+PURE = {"policy", "headers", "config", "http1", "wsrelay"}
+IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
+THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "fastproxy":
+                names.update(f"fastproxy.{alias.name}" for alias in node.names)
+            else:
+                names.add(node.module)
+    return names
+
+
+def _modules() -> list[str]:
+    return sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def test_layering_every_module_is_in_the_table() -> None:
+    assert set(_modules()) == set(ALLOWED)
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_layering_imports_point_down(module: str) -> None:
+    inner, outer = ALLOWED[module]
+    for name in _imports(PACKAGE / f"{module}.py"):
+        top = name.split(".")[0]
+        if top == "fastproxy":
+            target = name.split(".")[1] if "." in name else "fastproxy"
+            if target in {"__version__"}:
+                target = "fastproxy"
+            assert target in inner, f"{module} imports fastproxy.{target}"
+        elif top in THIRD_PARTY:
+            assert top in outer, f"{module} imports {top}"
+        if module in PURE:
+            assert top not in IMPURE_STDLIB, f"pure module {module} imports {top}"
