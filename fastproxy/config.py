@@ -913,6 +913,13 @@ def _parse(data: Table, source: str) -> Config:
     http_parser = HttpParser.H11
     if "http_parser" in data:
         http_parser = _choice(data["http_parser"], "http_parser", "HTTP parser", _PARSERS)
+        if http_parser is not HttpParser.H11:
+            raise _bad(
+                "http_parser",
+                "this parser is not supported yet",
+                data["http_parser"],
+                hint='use "h11"',
+            )
     toggles = _preset_toggles(data.get("presets", {}))
 
     if "upstreams" not in data:

@@ -177,6 +177,8 @@ class ServerLeg:
             status = exc.error_status_hint
             if status == 431:
                 raise RequestRefused(431, "headers_too_large") from exc
+            if "Host" in str(exc):  # h11: "Found multiple Host: headers", "Missing ... Host"
+                raise RequestRefused(400, "bad_host", str(exc)) from exc
             raise RequestRefused(400, "bad_request", str(exc)) from exc
         if type(event) is h11.Data:
             return bytes(event.data)

@@ -353,7 +353,7 @@ def test_config_listener_options() -> None:
     config = parse(
         """
         workers = 3
-        http_parser = "httptools"
+        http_parser = "h11"
         heartbeat_timeout_s = 5
         graceful_timeout_s = 12.5
         admin = false
@@ -379,7 +379,7 @@ def test_config_listener_options() -> None:
         policy = "cobrowse-agent"
         """
     )
-    assert (config.workers, config.http_parser, config.admin) == (3, HttpParser.HTTPTOOLS, None)
+    assert (config.workers, config.http_parser, config.admin) == (3, HttpParser.H11, None)
     assert (config.heartbeat_timeout_s, config.graceful_timeout_s) == (5.0, 12.5)
     upstream = config.upstreams["cobrowse"]
     assert (upstream.keepalive, upstream.connect_timeout_s) == (0, 1.5)
@@ -830,7 +830,7 @@ def test_config_dump_roundtrip_everything(tmp_path: Path) -> None:
     config = parse(
         """
         workers = 3
-        http_parser = "httptools"
+        http_parser = "h11"
         heartbeat_timeout_s = 7.5
         admin = false
 
@@ -926,3 +926,13 @@ def test_config_dump_leaves_plain_listener_rules_to_the_toggle_when_listeners_di
     text = dump_config(dataclasses.replace(config, listeners={"sdk": sdk, "tls": tls_sdk}))
     assert "acme-challenge" not in text
     assert "[policies.cobrowse-sdk.rules.sockets]" in text
+
+
+def test_config_httptools_parser_not_supported_yet(tmp_path: Path) -> None:
+    path = tmp_path / "fastproxy.toml"
+    path.write_text('http_parser = "httptools"\n' + BASE)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value).endswith(
+        'http_parser: this parser is not supported yet, got "httptools" (use "h11")'
+    )
