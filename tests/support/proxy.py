@@ -1,0 +1,309 @@
+"""Run fastproxy as a real subprocess for the end-to-end tests.
+
+``ProxyFactory`` writes a TOML config into a temporary directory, picks free loopback ports, starts
+``python -m fastproxy run -c FILE`` with stdout and stderr in files beside it, and waits until
+``GET /livez`` on the admin port answers 200. Stopping sends SIGTERM to the master by PID and
+waits; a master that does not exit is killed by PID, together with the workers it had forked.
+
+The default config is the Cobrowse preset on two listeners (``sdk``, ``agent``) in front of one
+upstream, with one worker and a 2 s first-byte timeout (tests of the 504 path; other tests keep
+upstream delays below it). ``overrides`` is deep-merged into it; ``extra`` is appended as TOML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from support.client import ConnectionClosedError, build_request, http_request
+from support.upstream import RecordingUpstream
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+FIRST_BYTE_TIMEOUT_S = 2.0
+LISTENERS = ("sdk", "agent")
+
+TomlTable = Mapping[str, object]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- a small TOML writer: tomllib reads, the standard library has no writer ----------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        items = (f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def to_toml(document: TomlTable) -> str:
+    """Serialise nested mappings as TOML tables (``[a.b]``), scalars and arrays as values."""
+    lines: list[str] = []
+
+    def emit(path: tuple[str, ...], table: TomlTable) -> None:
+        scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
+        if path and (scalars or not tables):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_key(part) for part in path) + "]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
+        for key, sub in tables:
+            assert isinstance(sub, Mapping)
+            emit((*path, key), sub)
+
+    emit((), document)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def merge(base: TomlTable, overrides: TomlTable) -> dict[str, object]:
+    """``base`` with ``overrides`` merged in, tables recursively; neither is changed."""
+    merged: dict[str, object] = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            merged[key] = merge(current, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def default_config(
+    servers: Sequence[str], *, first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S
+) -> dict[str, object]:
+    """The preset on both listeners in front of ``servers``; binds are filled in at start."""
+    return {
+        "workers": 1,
+        "upstreams": {
+            "cobrowse": {"servers": list(servers), "first_byte_timeout_s": first_byte_timeout_s}
+        },
+        "listeners": {
+            "sdk": {"policy": "cobrowse-sdk", "upstream": "cobrowse"},
+            "agent": {"policy": "cobrowse-agent", "upstream": "cobrowse"},
+        },
+        "admin": {},
+    }
+
+
+class ProxyStartError(Exception):
+    """The proxy exited or did not become live in time; the message carries its output."""
+
+
+@dataclass
+class RunningProxy:
+    """One fastproxy master process and what it was started with."""
+
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    config_text: str
+    #: listener name -> port, plus ``"admin"``
+    ports: dict[str, int]
+    stdout_path: Path
+    stderr_path: Path
+    returncode: int | None = field(default=None)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def sdk_port(self) -> int:
+        return self.ports["sdk"]
+
+    @property
+    def agent_port(self) -> int:
+        return self.ports["agent"]
+
+    @property
+    def admin_port(self) -> int:
+        return self.ports["admin"]
+
+    def port(self, listener: str) -> int:
+        return self.ports[listener]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        """The proxy's stdout and stderr so far, for failure reports."""
+        parts = [f"# config {self.config_path.name}\n{self.config_text}"]
+        for path in (self.stdout_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace")
+                parts.append(f"# {path.name} ({len(text)} chars)\n{text[-20000:]}")
+        return "\n".join(parts)
+
+    def wait_live(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Poll ``GET /livez`` on the admin port until it answers 200."""
+        deadline = time.monotonic() + timeout
+        request = build_request(
+            "/livez", host=f"127.0.0.1:{self.admin_port}", headers=[("Connection", "close")]
+        )
+        while True:
+            if not self.alive():
+                raise ProxyStartError(
+                    f"fastproxy exited with {self.process.returncode}\n{self.output()}"
+                )
+            with contextlib.suppress(OSError, ConnectionClosedError, ValueError):
+                if http_request(self.admin_port, request, timeout=2.0).status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise ProxyStartError(f"/livez not 200 after {timeout} s\n{self.output()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM the master by PID and wait; SIGKILL it (and its workers) if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.returncode = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                workers = _children(self.pid)
+                self.process.kill()
+                self.returncode = self.process.wait(timeout)
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        else:
+            self.returncode = self.process.returncode
+        return self.returncode
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the direct children of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+class ProxyFactory:
+    """Start proxies with a config written into ``directory``; ``stop_all()`` ends them."""
+
+    def __init__(self, directory: Path, default_servers: Sequence[str] = ()) -> None:
+        self.directory = directory
+        self.default_servers = list(default_servers)
+        self.started: list[RunningProxy] = []
+
+    def __call__(
+        self,
+        *,
+        servers: Sequence[str] | None = None,
+        first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+        overrides: TomlTable | None = None,
+        extra: str = "",
+        wait: bool = True,
+    ) -> RunningProxy:
+        """Start fastproxy and wait until it is live.
+
+        ``servers`` replaces the upstream's server list (default: the recording upstream).
+        ``overrides`` is deep-merged into the default document, e.g.
+        ``{"listeners": {"sdk": {"limits": {"header_timeout_s": 1.0}}}}``; a listener it adds
+        without a ``bind`` gets a free port. ``extra`` is TOML text appended as it is.
+        """
+        document = merge(
+            default_config(
+                self.default_servers if servers is None else servers,
+                first_byte_timeout_s=first_byte_timeout_s,
+            ),
+            overrides or {},
+        )
+        ports = self._assign_ports(document)
+        text = to_toml(document) + (("\n" + extra.strip() + "\n") if extra.strip() else "")
+        index = len(self.started)
+        config_path = self.directory / f"fastproxy-{index}.toml"
+        config_path.write_text(text)
+        metrics_dir = self.directory / f"metrics-{index}"
+        metrics_dir.mkdir(exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        stdout_path = self.directory / f"fastproxy-{index}.stdout"
+        stderr_path = self.directory / f"fastproxy-{index}.stderr"
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fastproxy", "run", "-c", str(config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=self.directory,
+                env=env,
+            )
+        proxy = RunningProxy(process, config_path, text, ports, stdout_path, stderr_path)
+        self.started.append(proxy)
+        if wait:
+            proxy.wait_live()
+        return proxy
+
+    @staticmethod
+    def _assign_ports(document: dict[str, object]) -> dict[str, int]:
+        ports: dict[str, int] = {}
+        listeners = document.get("listeners", {})
+        assert isinstance(listeners, dict)
+        for name, listener in listeners.items():
+            assert isinstance(listener, dict)
+            if "bind" not in listener:
+                listener["bind"] = f"127.0.0.1:{free_port()}"
+            ports[name] = int(str(listener["bind"]).rsplit(":", 1)[1])
+        admin = document.get("admin")
+        if isinstance(admin, dict):
+            admin.setdefault("bind", f"127.0.0.1:{free_port()}")
+            ports["admin"] = int(str(admin["bind"]).rsplit(":", 1)[1])
+        return ports
+
+    def stop_all(self) -> None:
+        for proxy in self.started:
+            proxy.stop()
+
+    def log_sections(self) -> list[tuple[str, str]]:
+        """(title, text) pairs for a failure report, one per proxy started."""
+        return [(f"fastproxy pid {p.pid}", p.output()) for p in self.started]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A recording upstream and a proxy in front of it, as the ``preset`` fixture gives them."""
+
+    upstream: RecordingUpstream
+    proxy: RunningProxy
+    factory: ProxyFactory
+
+    def log_sections(self) -> list[tuple[str, str]]:
+        return self.factory.log_sections()
