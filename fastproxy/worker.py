@@ -154,6 +154,7 @@ class Cycle:
         "decision",
         "head",
         "info",
+        "last_read",
         "leg",
         "request_done",
         "request_id",
@@ -182,6 +183,7 @@ class Cycle:
         self.upstream_name = ""
         self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self.body_bytes = 0
+        self.last_read = 0.0
         self.request_done = False
         self.response_started = False
         self.response_done = False
@@ -341,6 +343,21 @@ class ClientProtocol(asyncio.Protocol):
             self._close()  # an idle connection: close quietly, as nginx does
             return
         self._local_reply_raw(408, "header_timeout")
+
+    def _on_upstream_read_timeout(self) -> None:
+        """No upstream byte for ``read_timeout_s`` in the middle of a response body."""
+        self.timer = None
+        cycle = self.cycle
+        if cycle is None or self.state is not State.FORWARD or cycle.response_done:
+            return
+        timeout = self.worker.config.upstreams[cycle.upstream_name].read_timeout_s
+        quiet = self.worker.loop.time() - cycle.last_read
+        if quiet < timeout or self.client_write_blocked:
+            # data arrived meanwhile, or the client is the slow side: not the upstream's fault
+            delay = timeout - quiet if quiet < timeout else timeout
+            self._arm(delay, self._on_upstream_read_timeout)
+            return
+        self._upstream_failed(cycle, "upstream_timeout", 504)
 
     def _on_upstream_timeout(self) -> None:
         self.timer = None
@@ -551,6 +568,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         if data:
             cycle.upstream.leg.feed(data)
+            cycle.last_read = self.worker.loop.time()
         self._pump_response(cycle)
 
     def on_upstream_lost(self) -> None:
@@ -690,9 +708,13 @@ class ClientProtocol(asyncio.Protocol):
                 headers = response_headers(event.headers, request_id=cycle.request_id)
                 transport.write(cycle.leg.response_head(100, headers, event.reason))
             return False
-        self._cancel_timer()
         cycle.status = status
         cycle.response_started = True
+        cycle.last_read = self.worker.loop.time()
+        self._arm(
+            self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
+            self._on_upstream_read_timeout,
+        )
         headers = response_headers(event.headers, request_id=cycle.request_id)
         if self.worker.draining:
             headers.append((b"Connection", b"close"))

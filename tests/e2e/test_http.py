@@ -279,3 +279,17 @@ def test_upstream_reset_mid_body_closes_client_connection(
     # the proxy keeps serving
     assert get(port, "/api/1/devices/next").status == 200
     assert upstream.targets() == [b"/api/1/devices?reset=1", b"/api/1/devices/next"]
+
+
+def test_upstream_silent_mid_body_cut_after_read_timeout(
+    proxy: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    port = proxy(overrides={"upstreams": {"cobrowse": {"read_timeout_s": 1.0}}}).sdk_port
+    with HttpConnection(port) as conn:
+        conn.send(build_request("/api/1/devices?stall=60", host=host_of(port)))
+        # the upstream stays silent for 60 s, longer than the client waits; the proxy gives up after its 1 s read timeout
+        with pytest.raises(ConnectionClosedError) as closed:
+            conn.read_response()
+    assert closed.value.partial.startswith(b"HTTP/1.1 200")
+    assert len(closed.value.partial) < RESET_ANNOUNCED_BYTES
+    assert get(port, "/api/1/devices/next").status == 200

@@ -16,6 +16,7 @@ Behaviour is chosen by the query string, which the proxy forwards byte for byte:
 - ``close=1``: ``Connection: close``;
 - ``headers=1``: add hop-by-hop and custom response headers (see ``EXTRA_RESPONSE_HEADERS``);
 - ``reset=1``: send the head and part of the body, then reset the TCP connection;
+- ``stall=S``: send the head and part of the body, then stay silent for S seconds and close;
 - on a WebSocket handshake, ``ws=echo`` (default: 101 and echo), ``ws=426``, ``ws=200`` (refuse
   and stay HTTP) or ``ws=badaccept`` (101 with a wrong ``Sec-WebSocket-Accept``).
 
@@ -344,6 +345,8 @@ class RecordingUpstream:
             headers.extend(EXTRA_RESPONSE_HEADERS)
         if params.get("reset") == "1":
             await self._send_and_reset(conn, writer, headers)
+        if "stall" in params:
+            await self._send_and_stall(conn, writer, headers, float(params["stall"]))
         if "chunked" in params:
             await self._send_chunked(conn, writer, status, headers, int(params["chunked"]))
             return False
@@ -405,6 +408,21 @@ class RecordingUpstream:
             await writer.drain()
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
+
+    async def _send_and_stall(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        headers: list[tuple[bytes, bytes]],
+        seconds: float,
+    ) -> None:
+        length = (b"Content-Length", str(RESET_ANNOUNCED_BYTES).encode())
+        writer.write(conn.send(h11.Response(status_code=200, headers=[*headers, length])))
+        writer.write(conn.send(h11.Data(data=pattern_body(RESET_AFTER_BYTES))))
+        await writer.drain()
+        await asyncio.sleep(seconds)
+        writer.transport.abort()
+        raise _Reset
 
     async def _send_and_reset(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, headers: list[tuple[bytes, bytes]]
