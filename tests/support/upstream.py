@@ -409,6 +409,15 @@ class RecordingUpstream:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
+    async def _send_partial(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The head and the first part of a body that will never be completed."""
+        length = (b"Content-Length", str(RESET_ANNOUNCED_BYTES).encode())
+        writer.write(conn.send(h11.Response(status_code=200, headers=[*headers, length])))
+        writer.write(conn.send(h11.Data(data=pattern_body(RESET_AFTER_BYTES))))
+        await writer.drain()
+
     async def _send_and_stall(
         self,
         conn: h11.Connection,
@@ -416,10 +425,7 @@ class RecordingUpstream:
         headers: list[tuple[bytes, bytes]],
         seconds: float,
     ) -> None:
-        length = (b"Content-Length", str(RESET_ANNOUNCED_BYTES).encode())
-        writer.write(conn.send(h11.Response(status_code=200, headers=[*headers, length])))
-        writer.write(conn.send(h11.Data(data=pattern_body(RESET_AFTER_BYTES))))
-        await writer.drain()
+        await self._send_partial(conn, writer, headers)
         await asyncio.sleep(seconds)
         writer.transport.abort()
         raise _Reset
@@ -427,10 +433,7 @@ class RecordingUpstream:
     async def _send_and_reset(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        length = (b"Content-Length", str(RESET_ANNOUNCED_BYTES).encode())
-        writer.write(conn.send(h11.Response(status_code=200, headers=[*headers, length])))
-        writer.write(conn.send(h11.Data(data=pattern_body(RESET_AFTER_BYTES))))
-        await writer.drain()
+        await self._send_partial(conn, writer, headers)
         await asyncio.sleep(0.3)  # let the proxy relay the head before the reset
         sock = writer.get_extra_info("socket")
         # SO_LINGER with a zero timeout makes close() send RST instead of FIN
