@@ -61,8 +61,8 @@ access_logger = logging.getLogger("fastproxy.access")
 
 HEARTBEAT_INTERVAL_S = 1.0
 WRITE_HIGH_WATER_BYTES = 256 * 1024
-#: pipelined bytes buffered beyond the request in progress before reading pauses
-MAX_BUFFERED_BYTES = 256 * 1024
+#: requests that may be sent again when a pooled connection turns out to be closed
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
 _REASONS = {
     204: b"No Content",
@@ -579,21 +579,28 @@ class ClientProtocol(asyncio.Protocol):
         cycle = self.cycle
         if cycle is None or cycle.upstream is None or self.state is not State.FORWARD:
             return
-        conn = cycle.upstream
-        conn.leg.feed_eof()
+        cycle.upstream.leg.feed_eof()
         self._pump_response(cycle)
-        if cycle.response_done or self.state is not State.FORWARD:
-            return
-        # The upstream closed before a complete response.
+        if self.state is State.FORWARD and not cycle.response_done and cycle.upstream is not None:
+            self._upstream_broke(cycle)
+
+    def _upstream_broke(self, cycle: Cycle) -> None:
+        """The upstream closed, or broke HTTP, before a complete response."""
+        conn = cycle.upstream
         self._drop_upstream(cycle)
+        info = cycle.info
         if (
-            not cycle.response_started
+            conn is not None
             and conn.reused
+            and not cycle.response_started
             and not cycle.retried
-            and cycle.info is not None
-            and not cycle.info.has_body
+            and info is not None
+            and not info.has_body
+            and cycle.head.method in IDEMPOTENT_METHODS
         ):
-            # a keep-alive connection the backend closed while idle: retry once on a new one
+            # A keep-alive connection the backend closed while it sat idle in the pool: the
+            # request cannot have been processed, so it is sent once more on a new connection
+            # (nginx's proxy_next_upstream for idempotent requests).
             cycle.retried = True
             self._acquire(cycle, fresh=True)
             return
@@ -671,7 +678,7 @@ class ClientProtocol(asyncio.Protocol):
             except UpstreamBroken as broken:
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug("upstream %s broke: %s", cycle.upstream_name, broken)
-                self._upstream_failed(cycle, "upstream_failed", 502)
+                self._upstream_broke(cycle)
                 return
             if type(event) is bytes:
                 if transport is not None:
