@@ -146,6 +146,10 @@ class Limits:
     max_uri_bytes: int = 8 * 1024
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
+    #: longest silence of a client in the middle of a request body (nginx client_body_timeout)
+    body_timeout_s: float = 60.0
+    #: longest time a client may leave a response unread (nginx send_timeout)
+    send_timeout_s: float = 60.0
     #: client connections one worker holds on this listener; more are closed at accept
     max_connections: int = 10_000
     #: connections one client address may hold on one worker; 0 = no limit
@@ -171,7 +175,7 @@ class ListenerConfig:
     limits: Limits = field(default_factory=Limits)
     #: X-Forwarded-*/Forwarded/X-Request-Id from these peers are kept, otherwise replaced
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: remove X-Original-URL and the other override headers; None = when the fallback denies
+    #: remove X-Original-URL and the other override headers; None (not set) = remove
     strip_override_headers: bool | None = None
     #: add an RFC 7239 ``Forwarded`` header
     forwarded_header: bool = False
@@ -1143,6 +1147,8 @@ def _limits(value: object, where: str) -> Limits:
         keepalive_timeout_s=_get_seconds(
             table, "keepalive_timeout_s", where, d.keepalive_timeout_s
         ),
+        body_timeout_s=_get_seconds(table, "body_timeout_s", where, d.body_timeout_s),
+        send_timeout_s=_get_seconds(table, "send_timeout_s", where, d.send_timeout_s),
         max_connections=_get_int(table, "max_connections", where, d.max_connections, minimum=1),
         max_connections_per_client=_get_int(
             table, "max_connections_per_client", where, d.max_connections_per_client, minimum=0

@@ -55,6 +55,10 @@ OVERRIDE_HEADERS = frozenset(
 FORWARDING_HEADERS = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
+# Client-address headers some backends trust; never set by fastproxy, kept from trusted peers only.
+CLIENT_ADDRESS_HEADERS = frozenset(
+    {b"x-real-ip", b"true-client-ip", b"x-client-ip", b"x-forwarded-port", b"x-forwarded-server"}
+)
 
 # Connection tokens that must never remove an end-to-end header we rely on.
 _PROTECTED = frozenset({b"host", b"content-length", b"x-request-id"}) | FORWARDING_HEADERS
@@ -137,7 +141,7 @@ def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
                 raise RequestRefused(400, "bad_request", "underscore spelling of Transfer-Encoding")
             codings.extend(_tokens(value) or [b""])
         elif folded in (b"connection", b"proxy-connection"):
-            connection.update(_tokens(value))
+            connection.update(fold(t) for t in _tokens(value))
         elif folded == b"upgrade":
             upgrade.extend(_tokens(value))
         elif folded == b"sec-websocket-key":
@@ -245,6 +249,10 @@ def upstream_headers(
         folded = fold(name)
         if folded in HOP_BY_HOP or folded == b"host" or folded in named:
             continue
+        if folded in CLIENT_ADDRESS_HEADERS:
+            if trusted:
+                out.append((name, value))
+            continue
         if folded in FORWARDING_HEADERS:
             if trusted:
                 if folded == b"x-forwarded-for":
@@ -300,15 +308,21 @@ def response_headers(
     the body from it, or chunks it when absent.
     """
     named: set[bytes] = set()
+    chunked = False
     for name, value in headers:
-        if fold(name) == b"connection":
-            named.update(_tokens(value))
+        folded = fold(name)
+        if folded == b"connection":
+            named.update(fold(t) for t in _tokens(value))
+        elif folded == b"transfer-encoding":
+            chunked = True
     named -= {b"content-length", b"x-request-id"}
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         folded = fold(name)
         if folded == b"content-length":
-            out.append((name, value))
+            # RFC 9112 6.3: with Transfer-Encoding, Content-Length is ignored, so it is dropped
+            if not chunked:
+                out.append((name, value))
             continue
         if folded == b"upgrade" and keep_upgrade:
             out.append((b"Upgrade", b"websocket"))

@@ -131,6 +131,15 @@ class HeadScanner:
         # RFC 9112 5.2: obs-fold is refused rather than unfolded.
         if b"\r\n " in head or b"\r\n\t" in head:
             raise RequestRefused(400, "bad_request", "obsolete line folding")
+        # h11 merges identical Content-Length fields ("5" twice, or "5, 5") into one; SPEC 5
+        # refuses both, so they are counted here, on the raw bytes.
+        lower = head.lower()
+        at = lower.find(b"\ncontent-length:")
+        if at >= 0:
+            if lower.find(b"\ncontent-length:", at + 1) >= 0:
+                raise RequestRefused(400, "bad_request", "more than one Content-Length")
+            if b"," in head[at : head.find(b"\r\n", at + 1)]:
+                raise RequestRefused(400, "bad_request", "a list in Content-Length")
         if head.count(b"\r\n") - 2 > self.max_headers:
             raise RequestRefused(431, "headers_too_large", "too many header fields")
         line_end = head.find(b"\r\n")
@@ -188,7 +197,11 @@ class ServerLeg:
                 raise RequestRefused(400, "bad_request", "HTTP version not supported")
             return RequestHead(event.method, event.target, version, event.headers.raw_items())
         if type(event) is h11.EndOfMessage:
-            # Trailer fields are dropped: none may change framing or routing after the fact.
+            if event.headers:
+                # h11 reads trailer fields leniently (bare LF, obs-fold) and nothing may change
+                # framing or routing after the head was checked: a request with trailers is
+                # refused rather than forwarded without them.
+                raise RequestRefused(400, "bad_request", "trailer fields in a request")
             return Ev.END
         if event is h11.NEED_DATA:
             return Ev.NEED_DATA
@@ -216,10 +229,16 @@ class ServerLeg:
         return data
 
     def body(self, data: bytes) -> list[bytes]:
-        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
+        try:
+            return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
+        except h11.LocalProtocolError as exc:  # more body than the relayed Content-Length
+            raise UpstreamBroken(f"cannot relay the response body: {exc}") from exc
 
     def end(self) -> bytes:
-        return self._conn.send(h11.EndOfMessage()) or b""
+        try:
+            return self._conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError as exc:  # less body than the relayed Content-Length
+            raise UpstreamBroken(f"cannot end the response: {exc}") from exc
 
     @property
     def response_started(self) -> bool:
@@ -258,11 +277,13 @@ class ResponseHead:
 class UpstreamLeg:
     """The upstream-facing side of one upstream TCP connection (h11 CLIENT role)."""
 
-    __slots__ = ("_conn", "_eof")
+    __slots__ = ("_conn", "_eof", "received_any")
 
     def __init__(self) -> None:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self._eof = False
+        #: bytes arrived since the last request was sent (a close before any is a stale pool)
+        self.received_any = False
 
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         data = self._conn.send(h11.Request(method=method, target=target, headers=headers))
@@ -276,6 +297,7 @@ class UpstreamLeg:
         return self._conn.send(h11.EndOfMessage()) or b""
 
     def feed(self, data: bytes) -> None:
+        self.received_any = True
         self._conn.receive_data(data)
 
     def feed_eof(self) -> None:
@@ -311,6 +333,7 @@ class UpstreamLeg:
 
     def start_next_cycle(self) -> None:
         self._conn.start_next_cycle()
+        self.received_any = False
 
     @property
     def idle(self) -> bool:

@@ -211,12 +211,21 @@ class UpstreamPool:
         server.active -= 1
         conn.owner = None
         leg = conn.leg
-        if conn.is_open and (leg.reusable or leg.idle) and len(server.idle) < self.config.keepalive:
+        transport = conn.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and (leg.reusable or leg.idle)
+            # bytes after the response would be read as the next client's response
+            and not leg.trailing
+            # a request still being flushed would interleave with the next one
+            and not transport.get_write_buffer_size()
+            and len(server.idle) < self.config.keepalive
+        ):
             if leg.reusable:
                 leg.start_next_cycle()
                 conn.reused = True
-            assert conn.transport is not None
-            conn.transport.resume_reading()  # it may have been paused for a slow client
+            transport.resume_reading()  # it may have been paused for a slow client
             conn.idle_since = time.monotonic()
             server.idle.append(conn)
         else:

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Mapping
 from typing import cast
@@ -61,6 +62,11 @@ access_logger = logging.getLogger("fastproxy.access")
 
 HEARTBEAT_INTERVAL_S = 1.0
 WRITE_HIGH_WATER_BYTES = 256 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+#: how long a relayed WebSocket Close may wait for the other side's Close
+WS_CLOSE_TIMEOUT_S = 10.0
+#: methods whose body some backends ignore, reading it as the next request ("CL.0")
+BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
 #: requests that may be sent again when a pooled connection turns out to be closed
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
@@ -115,7 +121,9 @@ class Listener:
         self.table = PrefixTable(config.rules, config.fallback)
         self.pools = pools
         strip = config.strip_override_headers
-        self.strip_override = config.fallback.action is Action.DENY if strip is None else strip
+        # Stripped on every listener unless configured: on a rewrite-fallback listener an
+        # override header can name a path outside the allowed prefixes just as well.
+        self.strip_override = True if strip is None else strip
         self.connections: set[ClientProtocol] = set()
         self.per_client: dict[str, int] = {}
         self.conn_gauge = metrics.connection_gauge(config.name)
@@ -154,6 +162,7 @@ class Cycle:
         "decision",
         "head",
         "info",
+        "last_body",
         "last_read",
         "leg",
         "request_done",
@@ -184,6 +193,7 @@ class Cycle:
         self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self.body_bytes = 0
         self.last_read = 0.0
+        self.last_body = 0.0
         self.request_done = False
         self.response_started = False
         self.response_done = False
@@ -195,6 +205,7 @@ class ClientProtocol(asyncio.Protocol):
     """One client connection on one listener."""
 
     __slots__ = (
+        "blocked_since",
         "client_ip",
         "client_write_blocked",
         "cycle",
@@ -211,6 +222,7 @@ class ClientProtocol(asyncio.Protocol):
         "tunnel_upstream",
         "upstream_write_blocked",
         "worker",
+        "ws_closing",
         "ws_started",
     )
 
@@ -228,11 +240,13 @@ class ClientProtocol(asyncio.Protocol):
         self.read_paused = False
         self.upstream_write_blocked = False
         self.client_write_blocked = False
+        self.blocked_since = 0.0
         self.trusted = False
         self.last_ws_activity = 0.0
         self.relay: WebSocketRelay | None = None
         self.tunnel_upstream: UpstreamProtocol | None = None
         self.ws_started = 0.0
+        self.ws_closing = False
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -308,6 +322,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.client_write_blocked = True
+        self.blocked_since = self.worker.loop.time()
         cycle = self.cycle
         if cycle is not None and cycle.upstream is not None and cycle.upstream.transport:
             cycle.upstream.transport.pause_reading()
@@ -321,6 +336,10 @@ class ClientProtocol(asyncio.Protocol):
             cycle.upstream.transport.resume_reading()
         elif self.tunnel_upstream is not None and self.tunnel_upstream.transport:
             self.tunnel_upstream.transport.resume_reading()
+        if self.state is State.HEAD:
+            # local replies were held back while the client did not read them
+            self._update_reading()
+            self.worker.loop.call_soon(self._process)
 
     # ---------------------------------------------------------------- timers
 
@@ -339,6 +358,9 @@ class ClientProtocol(asyncio.Protocol):
         self.timer = None
         if self.state is not State.HEAD:
             return
+        if self.client_write_blocked:
+            self._close(abort=True)  # it does not even read our replies
+            return
         if len(self.scanner) == 0:
             self._close()  # an idle connection: close quietly, as nginx does
             return
@@ -351,13 +373,43 @@ class ClientProtocol(asyncio.Protocol):
         if cycle is None or self.state is not State.FORWARD or cycle.response_done:
             return
         timeout = self.worker.config.upstreams[cycle.upstream_name].read_timeout_s
-        quiet = self.worker.loop.time() - cycle.last_read
-        if quiet < timeout or self.client_write_blocked:
-            # data arrived meanwhile, or the client is the slow side: not the upstream's fault
-            delay = timeout - quiet if quiet < timeout else timeout
-            self._arm(delay, self._on_upstream_read_timeout)
+        now = self.worker.loop.time()
+        if self.client_write_blocked:
+            # the client is the slow side: its own send timeout applies, not the upstream's
+            send_timeout = self.listener.config.limits.send_timeout_s
+            if now - self.blocked_since >= send_timeout:
+                self._drop_upstream(cycle)
+                self._finish_metrics(cycle, cycle.status)
+                self._close(abort=True)
+                return
+            self._arm(min(timeout, send_timeout), self._on_upstream_read_timeout)
+            return
+        quiet = now - cycle.last_read
+        if quiet < timeout:
+            self._arm(timeout - quiet, self._on_upstream_read_timeout)
             return
         self._upstream_failed(cycle, "upstream_timeout", 504)
+
+    def _on_body_timeout(self) -> None:
+        """The request body stalled: the client stopped sending, or the upstream reading."""
+        self.timer = None
+        cycle = self.cycle
+        if cycle is None or self.state is not State.FORWARD or cycle.request_done:
+            return
+        timeout = self.listener.config.limits.body_timeout_s
+        quiet = self.worker.loop.time() - cycle.last_body
+        if quiet < timeout:
+            self._arm(timeout - quiet, self._on_body_timeout)
+            return
+        if self.upstream_write_blocked:
+            self._upstream_failed(cycle, "upstream_timeout", 504)
+            return
+        self._drop_upstream(cycle)
+        if cycle.response_started:
+            self._finish_metrics(cycle, cycle.status)
+            self._close(abort=True)
+        else:
+            self._local_reply(cycle, 408, "body_timeout", close=True)
 
     def _on_upstream_timeout(self) -> None:
         self.timer = None
@@ -379,8 +431,10 @@ class ClientProtocol(asyncio.Protocol):
         if transport is None:
             return
         cycle = self.cycle
-        want_pause = self.upstream_write_blocked or (
-            cycle is not None and (self.state is State.UPSTREAM or cycle.request_done)
+        want_pause = (
+            self.upstream_write_blocked
+            or (self.client_write_blocked and self.state is State.HEAD)
+            or (cycle is not None and (self.state is State.UPSTREAM or cycle.request_done))
         )
         if want_pause and not self.read_paused:
             self.read_paused = True
@@ -402,6 +456,10 @@ class ClientProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Start as many cycles as the buffered bytes allow (pipelining, answered in order)."""
         while self.state is State.HEAD:
+            if self.client_write_blocked:
+                # answers pile up unread: stop here, resume_writing() starts again
+                self._update_reading()
+                return
             try:
                 taken = self.scanner.maybe_take_head()
             except RequestRefused as refused:
@@ -444,6 +502,14 @@ class ClientProtocol(asyncio.Protocol):
         )
         if head.method in lconf.refused_methods:
             self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
+            return
+        if info.chunked and head.http_version == b"1.0":
+            # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+            self._local_reply(cycle, 400, "bad_request", close=True)
+            return
+        if info.has_body and head.method in BODILESS_METHODS:
+            # A backend that ignores GET/HEAD bodies would read this one as the next request.
+            self._local_reply(cycle, 400, "unexpected_body", close=True)
             return
         decision = listener.table.decide(head.target)
         cycle.decision = decision
@@ -548,8 +614,17 @@ class ClientProtocol(asyncio.Protocol):
             conn.transport.pause_reading()
         method, target, headers = cycle.sent_head
         conn.write(conn.leg.request(method, target, headers))
+        if cycle.request_done:
+            # a retry: the body-less request was read completely on the first attempt
+            conn.write(conn.leg.end())
+            upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
+            self._arm(upstream_conf.first_byte_timeout_s, self._on_upstream_timeout)
+            return
         self._pump_request()
         if self.state is State.FORWARD:
+            if not cycle.request_done:
+                cycle.last_body = self.worker.loop.time()
+                self._arm(self.listener.config.limits.body_timeout_s, self._on_body_timeout)
             self._update_reading()
 
     def on_upstream_failed(self, code: str) -> None:
@@ -592,6 +667,7 @@ class ClientProtocol(asyncio.Protocol):
         if (
             conn is not None
             and conn.reused
+            and not conn.leg.received_any
             and not cycle.response_started
             and not cycle.retried
             and info is not None
@@ -619,6 +695,7 @@ class ClientProtocol(asyncio.Protocol):
     def _drop_upstream(self, cycle: Cycle) -> None:
         conn = cycle.upstream
         cycle.upstream = None
+        self.upstream_write_blocked = False
         if conn is not None:
             conn.server.pool.discard(conn)
 
@@ -645,6 +722,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if type(event) is bytes:
                 cycle.body_bytes += len(event)
+                cycle.last_body = self.worker.loop.time()
                 if cycle.body_bytes > limit:
                     self._drop_upstream(cycle)
                     if cycle.response_started:
@@ -680,15 +758,20 @@ class ClientProtocol(asyncio.Protocol):
                     logger.debug("upstream %s broke: %s", cycle.upstream_name, broken)
                 self._upstream_broke(cycle)
                 return
-            if type(event) is bytes:
-                if transport is not None:
-                    transport.writelines(cycle.leg.body(event))
-            elif type(event) is ResponseHead:
+            try:
+                if type(event) is bytes:
+                    if transport is not None:
+                        transport.writelines(cycle.leg.body(event))
+                    continue
+                if event is Ev.END and transport is not None:
+                    transport.write(cycle.leg.end())
+            except UpstreamBroken:  # the body disagrees with the Content-Length relayed
+                self._upstream_failed(cycle, "upstream_failed", 502)
+                return
+            if type(event) is ResponseHead:
                 if self._on_response_head(cycle, event):
                     return
             elif event is Ev.END:
-                if transport is not None:
-                    transport.write(cycle.leg.end())
                 cycle.response_done = True
                 if cycle.request_done:
                     self._finish_cycle(cycle)
@@ -777,6 +860,7 @@ class ClientProtocol(asyncio.Protocol):
         self._cancel_timer()
         conn = cycle.upstream
         cycle.upstream = None
+        self.upstream_write_blocked = False
         if conn is not None:
             conn.server.pool.release(conn)
         self._finish_metrics(cycle, cycle.status)
@@ -838,6 +922,14 @@ class ClientProtocol(asyncio.Protocol):
         cycle.status = status
         if cycle.verdict in ("forward", "rewrite", "websocket"):
             cycle.verdict = "error"
+        info = cycle.info
+        if (
+            cycle.head.http_version != b"1.1"
+            or info is None
+            or b"close" in info.connection
+            or self.worker.draining
+        ):
+            close = True
         if not close:
             # the request has no body; read its end so the next request can follow
             try:
@@ -873,12 +965,16 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        body = error_body(code, request_id) if code else b""
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
-            status,
-            _REASONS.get(status, b""),
-            len(body),
-        )
+        if code:
+            body = error_body(code, request_id)
+            head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+                status,
+                _REASONS.get(status, b""),
+                len(body),
+            )
+        else:  # 204: no body, and no header describing one (RFC 9110 8.6)
+            body = b""
+            head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
         head += b"X-Request-Id: %s\r\n" % request_id
         if close:
             head += b"Connection: close\r\n"
@@ -890,6 +986,12 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             if abort:
+                # RST instead of FIN: the kernel drops what the client has not read, instead of
+                # keeping it for a peer that may never read (nginx's reset_timedout_connection)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 transport.abort()
             else:
                 transport.close()
@@ -940,6 +1042,15 @@ class ClientProtocol(asyncio.Protocol):
         if out.done:
             self._end_tunnel(None)
             self._close()
+        elif self.relay is not None and self.relay.closing and not self.ws_closing:
+            # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
+            self.ws_closing = True
+            self._arm(WS_CLOSE_TIMEOUT_S, self._on_ws_close_timeout)
+
+    def _on_ws_close_timeout(self) -> None:
+        self.timer = None
+        self._end_tunnel(None)
+        self._close(abort=True)
 
     def _on_ws_tick(self) -> None:
         self.timer = None
@@ -1059,5 +1170,10 @@ async def _serve(
         pool.close_all()
     for listener in worker.listeners.values():
         for conn in list(listener.connections):
-            conn._close(abort=True)
+            transport = conn.transport
+            # abort what is still busy, or still flushing to a client that does not read
+            if transport is not None and (
+                conn.state is not State.CLOSED or transport.get_write_buffer_size()
+            ):
+                conn._close(abort=True)
     await asyncio.sleep(0)

@@ -183,6 +183,14 @@ class WebSocketRelay:
             out.to_upstream.append(self._upstream.send(CloseConnection(code=CLOSE_GOING_AWAY)))
         out.done = True
 
+    @property
+    def closing(self) -> bool:
+        """A close handshake is under way: one side sent Close and the other has not answered."""
+        return (
+            self._client.state is not ConnectionState.OPEN
+            or self._upstream.state is not ConnectionState.OPEN
+        )
+
     def ping_client(self) -> bytes:
         """A keep-alive ping for an idle client, or ``b""`` once closing."""
         if self._client.state is ConnectionState.OPEN:

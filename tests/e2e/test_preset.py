@@ -17,7 +17,8 @@ from support.client import (
     host_of,
     http_request,
 )
-from support.proxy import Stack
+from support.proxy import ProxyFactory, Stack
+from support.upstream import RecordingUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -316,11 +317,21 @@ def test_sdk_strips_override_headers(preset: Stack) -> None:
     assert stripped.isdisjoint(_norm(name) for name in request.header_names()), request.headers
 
 
-def test_agent_keeps_override_headers_by_default(preset: Stack) -> None:
-    # the agent policy's fallback rewrites instead of denying, so SPEC 5's default keeps them
+def test_agent_strips_override_headers_by_default(preset: Stack) -> None:
+    # a rewrite fallback does not make X-Original-URL safe: it can name any path
     response = get(preset.proxy.agent_port, "/api/1/x", headers=[("X-Original-URL", "/admin")])
     assert response.status == 200
     [request] = preset.upstream.requests()
+    assert request.header_values("x-original-url") == []
+
+
+def test_override_headers_kept_when_configured(
+    proxy: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    running = proxy(overrides={"listeners": {"agent": {"strip_override_headers": False}}})
+    response = get(running.agent_port, "/api/1/x", headers=[("X-Original-URL", "/admin")])
+    assert response.status == 200
+    [request] = upstream.requests()
     assert request.header_values("x-original-url") == [b"/admin"]
 
 

@@ -665,9 +665,10 @@ ERRORS = [
     pytest.param(
         BASE + "[listeners.sdk.limits]\nmax_header = 10\n",
         'fastproxy.toml: listeners.sdk.limits: unknown key, got "max_header" (did you mean '
-        '"max_headers"? known: header_timeout_s, keepalive_timeout_s, max_connections, '
-        "max_connections_per_client, max_head_bytes, max_headers, max_uri_bytes, "
-        "ws_idle_timeout_s, ws_max_message_bytes, ws_ping_interval_s)",
+        '"max_headers"? known: body_timeout_s, header_timeout_s, keepalive_timeout_s, '
+        "max_connections, max_connections_per_client, max_head_bytes, max_headers, "
+        "max_uri_bytes, send_timeout_s, ws_idle_timeout_s, ws_max_message_bytes, "
+        "ws_ping_interval_s)",
         id="unknown-limit",
     ),
     pytest.param(

@@ -275,7 +275,32 @@ def test_response_headers_strip_hop_by_hop_and_set_request_id() -> None:
         ],
         request_id=b"rid",
     )
-    assert out == [(b"Content-Length", b"3"), (b"Set-Cookie", b"a=1"), (b"X-Request-Id", b"rid")]
+    # with Transfer-Encoding the upstream's Content-Length is meaningless (RFC 9112 6.3)
+    assert out == [(b"Set-Cookie", b"a=1"), (b"X-Request-Id", b"rid")]
+
+
+def test_response_headers_keep_content_length_and_fold_connection_tokens() -> None:
+    out = response_headers(
+        [(b"Content-Length", b"3"), (b"Connection", b"x_internal"), (b"X-Internal", b"1")],
+        request_id=b"rid",
+    )
+    assert out == [(b"Content-Length", b"3"), (b"X-Request-Id", b"rid")]
+
+
+def test_upstream_headers_fold_connection_tokens_and_drop_client_address_headers() -> None:
+    out = _forward(
+        [
+            (b"Host", b"a"),
+            (b"Connection", b"x_secret"),
+            (b"X_Secret", b"1"),
+            (b"X-Real-IP", b"10.0.0.1"),
+            (b"True-Client-IP", b"10.0.0.1"),
+        ]
+    )
+    names = {n.lower() for n, _ in out}
+    assert names.isdisjoint({b"x_secret", b"x-real-ip", b"true-client-ip"})
+    trusted = _forward([(b"Host", b"a"), (b"X-Real-IP", b"10.0.0.1")], trusted=True)
+    assert (b"X-Real-IP", b"10.0.0.1") in trusted
 
 
 def test_trusted_request_id_bounds() -> None:

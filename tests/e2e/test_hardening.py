@@ -1,0 +1,245 @@
+"""Regression tests for desync, resource and close-semantics holes found in review."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.client import (
+    HttpConnection,
+    assert_error,
+    build_request,
+    get,
+    host_of,
+)
+from support.proxy import ProxyFactory
+from support.upstream import RecordingUpstream
+
+pytestmark = pytest.mark.e2e
+
+LOOPBACK = "127.0.0.1"
+WAIT_S = 20.0
+
+
+class CannedUpstream:
+    """Answers each request head with canned raw bytes chosen by its target; keeps connections.
+
+    Unknown targets get ``200`` with the target as body. Request bodies are not expected.
+    """
+
+    def __init__(self, canned: dict[bytes, bytes]) -> None:
+        self.canned = canned
+        self.targets: list[bytes] = []
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._stopping = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10.0)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self._sockets.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        buffer = b""
+        with sock:
+            while not self._stopping.is_set():
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                with self._lock:
+                    self.targets.append(target)
+                answer = self.canned.get(
+                    target,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target),
+                )
+                try:
+                    sock.sendall(answer)
+                except OSError:
+                    return
+
+
+@pytest.fixture
+def canned() -> Iterator[type[CannedUpstream]]:
+    started: list[CannedUpstream] = []
+
+    class Started(CannedUpstream):
+        def __init__(self, answers: dict[bytes, bytes]) -> None:
+            super().__init__(answers)
+            self.start()
+            started.append(self)
+
+    yield Started
+    for server in started:
+        server.stop()
+
+
+def _one_pooled_connection(server: CannedUpstream) -> dict[str, object]:
+    return {"upstreams": {"cobrowse": {"servers": [server.address], "keepalive": 1}}}
+
+
+def test_hardening_bytes_after_a_response_never_reach_the_next_client(
+    proxy: ProxyFactory, canned: type[CannedUpstream]
+) -> None:
+    poison = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Poison: 1\r\n\r\nPOISON"
+    )
+    server = canned({b"/api/1/devices/poison": poison})
+    port = proxy(overrides=_one_pooled_connection(server)).sdk_port
+    first = get(port, "/api/1/devices/poison")
+    assert (first.status, first.body) == (200, b"ok")
+    for _ in range(3):
+        victim = get(port, "/api/1/sessions/victim")
+        assert (victim.status, victim.body) == (200, b"/api/1/sessions/victim")
+        assert victim.header("X-Poison") is None
+
+
+def test_hardening_body_sent_with_a_head_response_is_not_pooled(
+    proxy: ProxyFactory, canned: type[CannedUpstream]
+) -> None:
+    server = canned({b"/api/1/devices/head": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"})
+    port = proxy(overrides=_one_pooled_connection(server)).sdk_port
+    with HttpConnection(port) as conn:
+        conn.send(build_request("/api/1/devices/head", host=host_of(port), method="HEAD"))
+        head = conn.read_response(method=b"HEAD")
+        assert (head.status, head.body) == (200, b"")
+        after = conn.get("/api/1/devices/after")
+    assert (after.status, after.body) == (200, b"/api/1/devices/after")
+
+
+def test_hardening_response_with_chunked_and_content_length_is_relayed_chunked(
+    proxy: ProxyFactory, canned: type[CannedUpstream]
+) -> None:
+    both = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+        b"a\r\n0123456789\r\n0\r\n\r\n"
+    )
+    server = canned({b"/api/1/devices/both": both})
+    port = proxy(overrides=_one_pooled_connection(server)).sdk_port
+    with HttpConnection(port) as conn:
+        response = conn.get("/api/1/devices/both")
+        assert response.status == 200
+        assert response.header("Content-Length") is None
+        assert response.body == b"0123456789"
+        assert conn.get("/api/1/devices/next").body == b"/api/1/devices/next"
+
+
+def _worker_rss_kib(master_pid: int) -> int:
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    status = Path(f"/proc/{children[0]}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_hardening_unread_local_replies_do_not_grow_memory(proxy: ProxyFactory) -> None:
+    running = proxy()
+    port = running.sdk_port
+    before = _worker_rss_kib(running.pid)
+    denied = build_request("/admin", host=host_of(port))
+    batch = denied * 2000
+    sent = 0
+    with socket.create_connection((LOOPBACK, port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 10
+        while sent < 40_000_000 and time.monotonic() < deadline:
+            try:
+                sock.sendall(batch)
+            except (TimeoutError, OSError):
+                break  # the proxy stopped reading: that is the point
+            sent += len(batch)
+        growth_mib = (_worker_rss_kib(running.pid) - before) / 1024
+    # pipelined requests wait in the kernel while their answers are not read
+    assert growth_mib < 32, f"worker grew {growth_mib:.0f} MiB after {sent} bytes sent"
+    assert get(port, "/api/1/devices/alive").status == 200
+
+
+def test_hardening_stalled_request_body_answered_408(
+    proxy: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    port = proxy(overrides={"listeners": {"sdk": {"limits": {"body_timeout_s": 1.0}}}}).sdk_port
+    with HttpConnection(port) as conn:
+        conn.send(
+            b"POST /api/1/devices/x HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\n0123456789"
+            % host_of(port).encode()
+        )
+        response = conn.read_response()
+        assert_error(response, 408, "body_timeout")
+        assert conn.wait_closed(WAIT_S)
+
+
+def test_hardening_client_that_never_reads_is_cut_after_send_timeout(
+    proxy: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    port = proxy(
+        overrides={
+            "listeners": {"sdk": {"limits": {"send_timeout_s": 1.0}}},
+            "upstreams": {"cobrowse": {"read_timeout_s": 1.0}},
+        }
+    ).sdk_port
+    with socket.create_connection((LOOPBACK, port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(build_request("/api/1/devices?size=50000000", host=host_of(port)))
+        time.sleep(4)  # several send timeouts pass while nothing is read
+        sock.settimeout(WAIT_S)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+    assert 0 < received < 50_000_000
+
+
+def test_hardening_local_reply_honours_connection_close(proxy: ProxyFactory) -> None:
+    port = proxy().sdk_port
+    with HttpConnection(port) as conn:
+        conn.send(build_request("/admin", host=host_of(port), headers=[("Connection", "close")]))
+        assert_error(conn.read_response(), 403, "forbidden")
+        assert conn.wait_closed(WAIT_S)
+
+
+def test_hardening_options_asterisk_answered_204_without_body_headers(proxy: ProxyFactory) -> None:
+    port = proxy().sdk_port
+    with HttpConnection(port) as conn:
+        conn.send(b"OPTIONS * HTTP/1.1\r\nHost: %s\r\n\r\n" % host_of(port).encode())
+        response = conn.read_response()
+        assert response.status == 204
+        assert response.header("Content-Length") is None
+        assert response.header("Content-Type") is None
+        assert conn.get("/api/1/devices/after").status == 200
