@@ -302,28 +302,18 @@ def trusted_request_id(value: bytes | None) -> bool:
 def response_headers(
     headers: list[tuple[bytes, bytes]], *, request_id: bytes, keep_upgrade: bool = False
 ) -> list[tuple[bytes, bytes]]:
-    """The header list to relay to the client: hop-by-hop removed, request id added.
+    """The header list to relay to the client: hop-by-hop and framing removed, request id added.
 
-    Content-Length is kept (it is end-to-end for a response we relay unchanged); h11 frames
-    the body from it, or chunks it when absent.
+    The client leg's writer adds the framing back (Content-Length from the upstream's, or
+    chunked), so the relayed head can never carry two framings.
     """
     named: set[bytes] = set()
-    chunked = False
     for name, value in headers:
-        folded = fold(name)
-        if folded == b"connection":
+        if fold(name) == b"connection":
             named.update(fold(t) for t in _tokens(value))
-        elif folded == b"transfer-encoding":
-            chunked = True
-    named -= {b"content-length", b"x-request-id"}
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         folded = fold(name)
-        if folded == b"content-length":
-            # RFC 9112 6.3: with Transfer-Encoding, Content-Length is ignored, so it is dropped
-            if not chunked:
-                out.append((name, value))
-            continue
         if folded == b"upgrade" and keep_upgrade:
             out.append((b"Upgrade", b"websocket"))
             continue

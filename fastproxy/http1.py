@@ -13,8 +13,12 @@ size limits (414, 431). The checked head, and what follows it, is fed to a fresh
 connection that lives for one request/response cycle. When the cycle ends its unread bytes
 (``trailing``) go back to the scanner, so every pipelined request is scanned the same way.
 
-Upstream leg. One h11 ``CLIENT`` connection per upstream TCP connection, reused across cycles
-while both sides keep it alive.
+Responses. The client leg frames what it relays with fastproxy's own writer: the upstream's
+Content-Length and body bytes pass through untouched, a chunked or close-delimited body is
+chunked for HTTP/1.1 clients. Heads are serialised once, with one ``join``.
+
+Upstream leg. One ``UpstreamLeg`` per upstream TCP connection, reused across cycles while both
+sides keep it alive: fastproxy's own request serialiser and a small strict response reader.
 
 Events are returned, never raised: ``next_event`` returns a head object, body ``bytes``, or an
 ``Ev`` member. Peer errors are raised as ``RequestRefused`` (client leg) or ``UpstreamBroken``
@@ -164,13 +168,46 @@ class RequestHead:
         self.headers = headers
 
 
-class ServerLeg:
-    """The client-facing side of one request/response cycle (h11 SERVER role)."""
+# h11 states in which the client's request is complete and the connection may go on
+# (MIGHT_SWITCH_PROTOCOL is not re-exported by h11, hence the private module)
+_REQUEST_ENDED = (h11.DONE, h11._state.MIGHT_SWITCH_PROTOCOL)
 
-    __slots__ = ("_conn",)
+
+class _Body(enum.Enum):
+    """How a relayed response body is framed for the client."""
+
+    NONE = "none"  #: no body (HEAD, 1xx, 204, 304)
+    LENGTH = "length"  #: Content-Length, bytes passed through
+    CHUNKED = "chunked"  #: re-framed as chunks (HTTP/1.1 clients)
+    CLOSE = "close"  #: delimited by closing the connection (HTTP/1.0 clients)
+
+
+_PHRASES = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+}
+
+
+class ServerLeg:
+    """The client-facing side of one request/response cycle.
+
+    The request is parsed by an h11 ``SERVER`` connection (the reference parser); the response
+    is framed by fastproxy's own writer, which relays the upstream's body bytes untouched when
+    their length is known and chunks them for HTTP/1.1 clients otherwise.
+    """
+
+    __slots__ = ("_body", "_client_close", "_conn", "_head_request", "_remaining", "_sent_end")
 
     def __init__(self, max_head_bytes: int) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._body: _Body | None = None  # None until a final response head is written
+        self._remaining = 0
+        self._sent_end = False
+        self._head_request = False
+        self._client_close = True
 
     def feed(self, data: bytes) -> None:
         self._conn.receive_data(data)
@@ -195,7 +232,14 @@ class ServerLeg:
             version = event.http_version
             if version not in (b"1.1", b"1.0"):
                 raise RequestRefused(400, "bad_request", "HTTP version not supported")
-            return RequestHead(event.method, event.target, version, event.headers.raw_items())
+            headers = event.headers.raw_items()
+            self._head_request = event.method == b"HEAD"
+            # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
+            self._client_close = version == b"1.0" or any(
+                b"close" in value.lower() and len(name) == 10 and name.lower() == b"connection"
+                for name, value in headers
+            )
+            return RequestHead(event.method, event.target, version, headers)
         if type(event) is h11.EndOfMessage:
             if event.headers:
                 # h11 reads trailer fields leniently (bare LF, obs-fold) and nothing may change
@@ -212,37 +256,71 @@ class ServerLeg:
         raise RequestRefused(400, "bad_request", f"unexpected event {type(event).__name__}")
 
     def response_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b""
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        reason: bytes = b"",
+        *,
+        length: int | None = None,
+        close: bool = False,
     ) -> bytes:
+        """Serialise a response head for this client and choose the body framing.
+
+        ``headers`` carry no framing fields (``headers.response_headers`` removed them);
+        ``length`` is the upstream's Content-Length, or None when its body is chunked or
+        close-delimited. ``close`` asks for the connection to end after this response.
+        """
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _PHRASES.get(status, b""))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
         if status < 200:
-            event: h11.Event = h11.InformationalResponse(
-                status_code=status, headers=headers, reason=reason
-            )
+            parts.append(b"\r\n")
+            return b"".join(parts)
+        if self._head_request or status in (204, 304):
+            body = _Body.NONE
+            if length is not None and status != 204:
+                parts.append(b"Content-Length: %d\r\n" % length)
+        elif length is not None:
+            body = _Body.LENGTH
+            self._remaining = length
+            parts.append(b"Content-Length: %d\r\n" % length)
+        elif not self._client_close:
+            body = _Body.CHUNKED
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
-            event = h11.Response(status_code=status, headers=headers, reason=reason)
-        try:
-            data = self._conn.send(event)
-        except h11.LocalProtocolError as exc:
-            # the upstream's head cannot be relayed as it is (e.g. a header value h11 refuses)
-            raise UpstreamBroken(f"cannot relay the response head: {exc}") from exc
-        assert data is not None
-        return data
+            body = _Body.CLOSE
+        self._body = body
+        if close or body is _Body.CLOSE:
+            self._client_close = True
+        if self._client_close:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def body(self, data: bytes) -> list[bytes]:
-        try:
-            return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
-        except h11.LocalProtocolError as exc:  # more body than the relayed Content-Length
-            raise UpstreamBroken(f"cannot relay the response body: {exc}") from exc
+        body = self._body
+        if body is _Body.LENGTH:
+            self._remaining -= len(data)
+            if self._remaining < 0:
+                raise UpstreamBroken("more body than the relayed Content-Length")
+            return [data]
+        if body is _Body.CHUNKED:
+            return [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+        if body is _Body.CLOSE:
+            return [data]
+        raise UpstreamBroken("a body where the response has none")
 
     def end(self) -> bytes:
-        try:
-            return self._conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as exc:  # less body than the relayed Content-Length
-            raise UpstreamBroken(f"cannot end the response: {exc}") from exc
+        self._sent_end = True
+        if self._body is _Body.CHUNKED:
+            return b"0\r\n\r\n"
+        if self._body is _Body.LENGTH and self._remaining:
+            raise UpstreamBroken("less body than the relayed Content-Length")
+        return b""
 
     @property
     def response_started(self) -> bool:
-        return self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+        return self._body is not None
 
     @property
     def request_complete(self) -> bool:
@@ -251,7 +329,10 @@ class ServerLeg:
     @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another request after this cycle."""
-        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        # MIGHT_SWITCH_PROTOCOL: an upgrade the upstream refused; the connection stays HTTP
+        return (
+            self._sent_end and not self._client_close and self._conn.their_state in _REQUEST_ENDED
+        )
 
     @property
     def trailing(self) -> bytes:
@@ -274,72 +355,284 @@ class ResponseHead:
         self.headers = headers
 
 
-class UpstreamLeg:
-    """The upstream-facing side of one upstream TCP connection (h11 CLIENT role)."""
+_TOKEN_BYTES = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_HEX = b"0123456789abcdefABCDEF"
+_DIGITS = b"0123456789"
+#: a response head larger than this is a broken upstream
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+_CHUNK_LINE_MAX = 1024
 
-    __slots__ = ("_conn", "_eof", "received_any")
+
+class _Up(enum.Enum):
+    """States of the upstream leg's response reader."""
+
+    IDLE = "idle"  #: no request sent on this cycle
+    HEAD = "head"  #: waiting for the (next) response head
+    LENGTH = "length"  #: Content-Length body
+    CHUNK_SIZE = "chunk_size"  #: a chunk-size line
+    CHUNK_DATA = "chunk_data"  #: chunk data
+    CHUNK_END = "chunk_end"  #: the CRLF after chunk data
+    TRAILERS = "trailers"  #: trailer fields after the last chunk (read and dropped)
+    CLOSE = "close"  #: a body delimited by the connection closing
+    DONE = "done"  #: the response is complete
+    SWITCHED = "switched"  #: a 101 was received; the bytes after it are another protocol
+
+
+class UpstreamLeg:
+    """The upstream-facing side of one upstream TCP connection.
+
+    The request is written with fastproxy's own serialiser, and the response is read by a small
+    strict reader: CRLF line ends, token header names, no obs-fold, one Content-Length,
+    ``chunked`` last (RFC 9112 6.3). The upstream is fastproxy's own backend, not the attacker,
+    but every way of reading it differently from a client is still refused (502), so a confused
+    backend cannot desynchronise a pooled connection.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_close",
+        "_eof",
+        "_method",
+        "_remaining",
+        "_req_chunked",
+        "_req_done",
+        "_state",
+        "declared_length",
+        "received_any",
+    )
 
     def __init__(self) -> None:
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self._buf = b""
+        self._state = _Up.IDLE
         self._eof = False
+        self._method = b""
+        self._remaining = 0
+        self._req_chunked = False
+        self._req_done = False
+        self._close = False
+        #: the response's Content-Length, when it has one (also for HEAD and 304)
+        self.declared_length: int | None = None
         #: bytes arrived since the last request was sent (a close before any is a stale pool)
         self.received_any = False
 
+    # -- request side
+
     def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        data = self._conn.send(h11.Request(method=method, target=target, headers=headers))
-        assert data is not None
-        return data
+        """The request head. Names and values were checked by the request parser or are ours."""
+        self._method = method
+        self._state = _Up.HEAD
+        self._req_done = False
+        self._req_chunked = False
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                self._req_chunked = True
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def body(self, data: bytes) -> list[bytes]:
-        return self._conn.send_with_data_passthrough(h11.Data(data=data)) or []
+        if not self._req_chunked:
+            return [data]
+        if not data:
+            return []
+        return [b"%x\r\n" % len(data), data, b"\r\n"]
 
     def end(self) -> bytes:
-        return self._conn.send(h11.EndOfMessage()) or b""
+        self._req_done = True
+        return b"0\r\n\r\n" if self._req_chunked else b""
+
+    # -- response side
 
     def feed(self, data: bytes) -> None:
         self.received_any = True
-        self._conn.receive_data(data)
+        self._buf = self._buf + data if self._buf else data
 
     def feed_eof(self) -> None:
-        if not self._eof:
-            self._eof = True
-            self._conn.receive_data(b"")
+        self._eof = True
 
     def next_event(self) -> ResponseHead | bytes | Ev:
         """The next response event; raise ``UpstreamBroken`` on a protocol violation."""
-        try:
-            event = self._conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamBroken(str(exc)) from exc
-        if type(event) is h11.Data:
-            return bytes(event.data)
-        if type(event) is h11.Response or type(event) is h11.InformationalResponse:
-            return ResponseHead(event.status_code, event.reason, event.headers.raw_items())
-        if type(event) is h11.EndOfMessage:
-            return Ev.END
-        if event is h11.NEED_DATA:
+        state = self._state
+        buf = self._buf
+        if state is _Up.LENGTH:
+            if not self._remaining:
+                self._state = _Up.DONE
+                return Ev.END
+            if not buf:
+                if self._eof:
+                    raise UpstreamBroken("upstream closed in the middle of the body")
+                return Ev.NEED_DATA
+            if len(buf) <= self._remaining:
+                self._remaining -= len(buf)
+                self._buf = b""
+                return buf
+            data = buf[: self._remaining]
+            self._buf = buf[self._remaining :]
+            self._remaining = 0
+            return data
+        if state is _Up.HEAD:
+            return self._read_head()
+        if state is _Up.CHUNK_DATA:
+            if not buf:
+                if self._eof:
+                    raise UpstreamBroken("upstream closed in the middle of a chunk")
+                return Ev.NEED_DATA
+            if len(buf) <= self._remaining:
+                self._remaining -= len(buf)
+                self._buf = b""
+                if not self._remaining:
+                    self._state = _Up.CHUNK_END
+                return buf
+            data = buf[: self._remaining]
+            self._buf = buf[self._remaining :]
+            self._remaining = 0
+            self._state = _Up.CHUNK_END
+            return data
+        if state is _Up.CHUNK_SIZE or state is _Up.CHUNK_END or state is _Up.TRAILERS:
+            return self._read_chunk_framing()
+        if state is _Up.CLOSE:
+            if buf:
+                self._buf = b""
+                return buf
+            if self._eof:
+                self._state = _Up.DONE
+                return Ev.END
             return Ev.NEED_DATA
-        if event is h11.PAUSED:
-            if self._conn.their_state is h11.SWITCHED_PROTOCOL:
-                return Ev.SWITCHED
+        if state is _Up.SWITCHED:
+            return Ev.SWITCHED
+        if state is _Up.DONE:
             return Ev.PAUSED
-        if type(event) is h11.ConnectionClosed:
-            raise UpstreamBroken("upstream closed the connection")
-        raise UpstreamBroken(f"unexpected event {type(event).__name__}")
+        raise UpstreamBroken("response bytes before any request")  # IDLE
+
+    def _read_head(self) -> ResponseHead | Ev:
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+                raise UpstreamBroken("response head too large")
+            if self._eof:
+                raise UpstreamBroken("upstream closed before a complete response head")
+            return Ev.NEED_DATA
+        head = buf[:end]
+        self._buf = buf[end + 4 :]
+        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+            raise UpstreamBroken("bare CR or LF in the response head")
+        lines = head.split(b"\r\n")
+        status_line = lines[0]
+        version, _, rest = status_line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or code.strip(_DIGITS):
+            raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
+        status = int(code)
+        if status < 100 or b"\x00" in reason or b"\x7f" in reason:
+            raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
+        headers: list[tuple[bytes, bytes]] = []
+        length: bytes | None = None
+        codings: list[bytes] = []
+        close = version == b"HTTP/1.0"
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or not _TOKEN_BYTES.issuperset(name):
+                raise UpstreamBroken(f"bad header line {line[:100]!r}")
+            value = value.strip(b" \t")
+            if b"\x00" in value:
+                raise UpstreamBroken("NUL in a response header")
+            lower = name.lower()
+            if lower == b"content-length":
+                if length is not None and length != value:
+                    raise UpstreamBroken("conflicting Content-Length")
+                if not value or value.strip(_DIGITS) or len(value) > 18:
+                    raise UpstreamBroken(f"bad Content-Length {value[:30]!r}")
+                length = value
+            elif lower == b"transfer-encoding":
+                codings.extend(c.strip().lower() for c in value.split(b","))
+            elif lower == b"connection":
+                tokens = [t.strip().lower() for t in value.split(b",")]
+                if b"close" in tokens:
+                    close = True
+                elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                    close = False
+            headers.append((name, value))
+        # RFC 9112 6.3: with Transfer-Encoding, a Content-Length is ignored
+        self.declared_length = int(length) if length is not None and not codings else None
+        if status < 200:
+            if status == 101:
+                self._state = _Up.SWITCHED
+            return ResponseHead(status, reason, headers)
+        self._close = close
+        # RFC 9112 6.3: the order of these rules matters
+        if self._method == b"HEAD" or status in (204, 304):
+            self._remaining = 0  # no body: the next event is END
+            self._state = _Up.LENGTH
+        elif codings:
+            if codings[-1] != b"chunked":
+                self._state = _Up.CLOSE
+                self._close = True
+            else:
+                self._state = _Up.CHUNK_SIZE
+        elif length is not None:
+            self._remaining = int(length)
+            self._state = _Up.LENGTH
+        else:
+            self._state = _Up.CLOSE
+            self._close = True
+        return ResponseHead(status, reason, headers)
+
+    def _read_chunk_framing(self) -> bytes | Ev:
+        """Consume chunk-size lines, chunk-ending CRLFs and trailers; then resume the body."""
+        while True:
+            buf = self._buf
+            line_end = buf.find(b"\r\n")
+            if line_end < 0:
+                if len(buf) > _CHUNK_LINE_MAX:
+                    raise UpstreamBroken("chunk framing line too long")
+                if self._eof:
+                    raise UpstreamBroken("upstream closed in the chunk framing")
+                return Ev.NEED_DATA
+            line = buf[:line_end]
+            self._buf = buf[line_end + 2 :]
+            state = self._state
+            if state is _Up.CHUNK_END:
+                if line:
+                    raise UpstreamBroken("chunk data longer than its size")
+                self._state = _Up.CHUNK_SIZE
+                continue
+            if state is _Up.TRAILERS:
+                if not line:
+                    self._state = _Up.DONE
+                    return Ev.END
+                continue  # trailer fields are not relayed
+            size = line.partition(b";")[0].strip(b" \t")
+            if not size or size.strip(_HEX) or len(size) > 16:
+                raise UpstreamBroken(f"bad chunk size {line[:40]!r}")
+            self._remaining = int(size, 16)
+            if not self._remaining:
+                self._state = _Up.TRAILERS
+                continue
+            self._state = _Up.CHUNK_DATA
+            event = self.next_event()
+            assert not isinstance(event, ResponseHead)
+            return event
 
     @property
     def reusable(self) -> bool:
-        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+        """The exchange is complete on both sides and the upstream keeps the connection."""
+        return self._state is _Up.DONE and self._req_done and not self._close and not self._eof
 
     def start_next_cycle(self) -> None:
-        self._conn.start_next_cycle()
+        self._state = _Up.IDLE
+        self._method = b""
+        self.declared_length = None
         self.received_any = False
 
     @property
     def idle(self) -> bool:
-        return self._conn.our_state is h11.IDLE and self._conn.their_state is h11.IDLE
+        return self._state is _Up.IDLE
 
     @property
     def trailing(self) -> bytes:
-        data, _closed = self._conn.trailing_data
-        return data
+        """Bytes received after the response (or after a 101)."""
+        return self._buf

@@ -806,14 +806,16 @@ class ClientProtocol(asyncio.Protocol):
             self._on_upstream_read_timeout,
         )
         headers = response_headers(event.headers, request_id=cycle.request_id)
-        if self.worker.draining:
-            headers.append((b"Connection", b"close"))
         if transport is not None:
-            try:
-                transport.write(cycle.leg.response_head(status, headers, event.reason))
-            except UpstreamBroken:  # a head h11 cannot relay to this client
-                self._upstream_failed(cycle, "upstream_failed", 502)
-                return True
+            transport.write(
+                cycle.leg.response_head(
+                    status,
+                    headers,
+                    event.reason,
+                    length=cycle.upstream.leg.declared_length if cycle.upstream else None,
+                    close=self.worker.draining,
+                )
+            )
         return False
 
     def _on_switch(self, cycle: Cycle, event: ResponseHead) -> bool:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from fastproxy.headers import RequestRefused
-from fastproxy.http1 import Ev, HeadScanner, RequestHead, ResponseHead, ServerLeg, UpstreamLeg
+from fastproxy.http1 import (
+    Ev,
+    HeadScanner,
+    RequestHead,
+    ResponseHead,
+    ServerLeg,
+    UpstreamBroken,
+    UpstreamLeg,
+)
 
 
 def _scan(
@@ -154,3 +162,151 @@ def test_upstream_leg_refused_switch_stays_http() -> None:
     assert isinstance(head, ResponseHead) and head.status == 426
     assert leg.next_event() is Ev.END
     assert leg.reusable
+
+
+def _upstream_events(response: bytes, *, method: bytes = b"GET") -> list[ResponseHead | bytes | Ev]:
+    leg = UpstreamLeg()
+    leg.request(method, b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(response)
+    events: list[ResponseHead | bytes | Ev] = []
+    while True:
+        event = leg.next_event()
+        events.append(event)
+        if event in (Ev.NEED_DATA, Ev.PAUSED, Ev.END, Ev.SWITCHED):
+            return events
+
+
+def _body(events: list[ResponseHead | bytes | Ev]) -> bytes:
+    return b"".join(e for e in events if isinstance(e, bytes))
+
+
+def test_upstream_leg_reads_chunked_body_and_drops_trailers() -> None:
+    events = _upstream_events(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    )
+    assert _body(events) == b"hello world"
+    assert events[-1] is Ev.END
+
+
+def test_upstream_leg_chunked_wins_over_content_length() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.declared_length is None
+    leg.feed(b"a\r\n0123456789\r\n0\r\n\r\n")
+    assert leg.next_event() == b"0123456789"
+    assert leg.next_event() is Ev.END
+
+
+def test_upstream_leg_head_response_has_no_body_but_keeps_its_length() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"HEAD", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.declared_length == 5
+    assert leg.next_event() is Ev.END
+    assert leg.reusable
+
+
+def test_upstream_leg_close_delimited_body_ends_at_eof_and_is_not_reusable() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(b"HTTP/1.0 200 OK\r\n\r\nsome")
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() == b"some"
+    assert leg.next_event() is Ev.NEED_DATA
+    leg.feed_eof()
+    assert leg.next_event() is Ev.END
+    assert not leg.reusable
+
+
+def test_upstream_leg_keeps_bytes_after_the_response_as_trailing() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() == b"ok"
+    assert leg.next_event() is Ev.END
+    assert leg.trailing == b"HTTP/1.1 200 OK\r\n"
+
+
+def test_upstream_leg_serialises_chunked_request_bodies() -> None:
+    leg = UpstreamLeg()
+    head = leg.request(b"POST", b"/x", [(b"Host", b"up"), (b"Transfer-Encoding", b"chunked")])
+    assert head == b"POST /x HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert b"".join(leg.body(b"abc")) == b"3\r\nabc\r\n"
+    assert leg.end() == b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: a\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+    ],
+)
+def test_upstream_leg_refuses_what_could_desynchronise(response: bytes) -> None:
+    with pytest.raises(UpstreamBroken):
+        _upstream_events(response)
+
+
+def _server_leg(request: bytes) -> ServerLeg:
+    leg = ServerLeg(16384)
+    leg.feed(request)
+    while leg.next_event() not in (Ev.NEED_DATA, Ev.PAUSED):
+        pass
+    return leg
+
+
+def test_server_leg_writer_passes_content_length_bodies_through() -> None:
+    leg = _server_leg(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = leg.response_head(200, [(b"ETag", b"x")], length=5)
+    assert head == b"HTTP/1.1 200 OK\r\nETag: x\r\nContent-Length: 5\r\n\r\n"
+    assert leg.body(b"hello") == [b"hello"]
+    assert leg.end() == b""
+    assert leg.keep_alive
+    with pytest.raises(UpstreamBroken):
+        leg.body(b"!")
+
+
+def test_server_leg_writer_chunks_for_http11_and_closes_for_http10() -> None:
+    leg = _server_leg(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"Transfer-Encoding: chunked\r\n" in leg.response_head(200, [])
+    assert b"".join(leg.body(b"abc")) == b"3\r\nabc\r\n"
+    assert leg.end() == b"0\r\n\r\n"
+    old = _server_leg(b"GET / HTTP/1.0\r\n\r\n")
+    head = old.response_head(200, [])
+    assert b"Transfer-Encoding" not in head and b"Connection: close\r\n" in head
+    assert old.body(b"abc") == [b"abc"]
+    old.end()
+    assert not old.keep_alive
+
+
+def test_server_leg_writer_head_request_keeps_length_without_body() -> None:
+    leg = _server_leg(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert b"Content-Length: 5\r\n" in leg.response_head(200, [], length=5)
+    assert leg.end() == b""
+    assert leg.keep_alive
+
+
+def test_server_leg_writer_honours_connection_close() -> None:
+    leg = _server_leg(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert b"Connection: close\r\n" in leg.response_head(200, [], length=0)
+    leg.end()
+    assert not leg.keep_alive
