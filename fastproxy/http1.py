@@ -119,8 +119,13 @@ class HeadScanner:
             raise self._too_large()
 
     def _too_large(self) -> RequestRefused:
-        line_end = self._buf.find(b"\r\n")
-        if line_end < 0 or line_end > self.max_uri_bytes:
+        """414 when the target alone is over its limit, else 431."""
+        buf = self._buf
+        line_end = buf.find(b"\r\n")
+        line = buf if line_end < 0 else buf[:line_end]
+        first = line.find(b" ")
+        last = len(line) if line_end < 0 else line.rfind(b" ")
+        if last - first - 1 > self.max_uri_bytes:
             return RequestRefused(414, "uri_too_long")
         return RequestRefused(431, "headers_too_large")
 
@@ -191,69 +196,57 @@ _PHRASES = {
 }
 
 
-class ServerLeg:
-    """The client-facing side of one request/response cycle.
+class ClientLeg:
+    """The client-facing side of one request/response cycle: the parser-independent part.
 
-    The request is parsed by an h11 ``SERVER`` connection (the reference parser); the response
-    is framed by fastproxy's own writer, which relays the upstream's body bytes untouched when
-    their length is known and chunks them for HTTP/1.1 clients otherwise.
+    Subclasses parse the request (``feed_head``, ``feed``, ``next_event``, ``trailing``,
+    ``request_ended``); this class frames the relayed response with fastproxy's own writer, which
+    passes the upstream's body bytes through untouched when their length is known and chunks
+    them for HTTP/1.1 clients otherwise.
     """
 
-    __slots__ = ("_body", "_client_close", "_conn", "_head_request", "_remaining", "_sent_end")
+    __slots__ = ("_body", "_client_close", "_head_request", "_remaining", "_sent_end")
 
-    def __init__(self, max_head_bytes: int) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+    def __init__(self) -> None:
         self._body: _Body | None = None  # None until a final response head is written
         self._remaining = 0
         self._sent_end = False
         self._head_request = False
         self._client_close = True
 
-    def feed(self, data: bytes) -> None:
-        self._conn.receive_data(data)
+    # -- request side, provided by each parser
 
-    def feed_eof(self) -> None:
-        self._conn.receive_data(b"")
+    def feed_head(self, head: bytes) -> None:
+        """The bytes of one whole request head, as ``HeadScanner`` checked them."""
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        """Bytes after the head: body, or the following requests."""
+        raise NotImplementedError
 
     def next_event(self) -> RequestHead | bytes | Ev:
         """The next request event; raise ``RequestRefused`` on a protocol violation."""
-        try:
-            event = self._conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            if status == 431:
-                raise RequestRefused(431, "headers_too_large") from exc
-            if "Host" in str(exc):  # h11: "Found multiple Host: headers", "Missing ... Host"
-                raise RequestRefused(400, "bad_host", str(exc)) from exc
-            raise RequestRefused(400, "bad_request", str(exc)) from exc
-        if type(event) is h11.Data:
-            return bytes(event.data)
-        if type(event) is h11.Request:
-            version = event.http_version
-            if version not in (b"1.1", b"1.0"):
-                raise RequestRefused(400, "bad_request", "HTTP version not supported")
-            headers = event.headers.raw_items()
-            self._head_request = event.method == b"HEAD"
-            # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
-            self._client_close = version == b"1.0" or any(
-                b"close" in value.lower() and len(name) == 10 and name.lower() == b"connection"
-                for name, value in headers
-            )
-            return RequestHead(event.method, event.target, version, headers)
-        if type(event) is h11.EndOfMessage:
-            if event.headers:
-                # h11 reads trailer fields leniently (bare LF, obs-fold) and nothing may change
-                # framing or routing after the head was checked: a request with trailers is
-                # refused rather than forwarded without them.
-                raise RequestRefused(400, "bad_request", "trailer fields in a request")
-            return Ev.END
-        if event is h11.NEED_DATA:
-            return Ev.NEED_DATA
-        if event is h11.PAUSED:
-            return Ev.PAUSED
-        if type(event) is h11.ConnectionClosed:
-            raise RequestRefused(400, "bad_request", "connection closed mid-request")
-        raise RequestRefused(400, "bad_request", f"unexpected event {type(event).__name__}")
+        raise NotImplementedError
+
+    @property
+    def request_ended(self) -> bool:
+        """The request (head and body) has been read completely."""
+        raise NotImplementedError
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes received after the request (pipelined requests, or frames after an upgrade)."""
+        raise NotImplementedError
+
+    def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._head_request = method == b"HEAD"
+        # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
+        self._client_close = version == b"1.0" or any(
+            b"close" in value.lower() and len(name) == 10 and name.lower() == b"connection"
+            for name, value in headers
+        )
+
+    # -- response side
 
     def response_head(
         self,
@@ -323,16 +316,64 @@ class ServerLeg:
         return self._body is not None
 
     @property
-    def request_complete(self) -> bool:
-        return self._conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.SWITCHED_PROTOCOL)
-
-    @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another request after this cycle."""
+        return self._sent_end and not self._client_close and self.request_ended
+
+
+class ServerLeg(ClientLeg):
+    """The client leg on h11, the reference parser (pure Python, strict)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, max_head_bytes: int) -> None:
+        super().__init__()
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+
+    def feed_head(self, head: bytes) -> None:
+        self._conn.receive_data(head)
+
+    def feed(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def next_event(self) -> RequestHead | bytes | Ev:
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == 431:
+                raise RequestRefused(431, "headers_too_large") from exc
+            if "Host" in str(exc):  # h11: "Found multiple Host: headers", "Missing ... Host"
+                raise RequestRefused(400, "bad_host", str(exc)) from exc
+            raise RequestRefused(400, "bad_request", str(exc)) from exc
+        if type(event) is h11.Data:
+            return bytes(event.data)
+        if type(event) is h11.Request:
+            version = event.http_version
+            if version not in (b"1.1", b"1.0"):
+                raise RequestRefused(400, "bad_request", "HTTP version not supported")
+            headers = event.headers.raw_items()
+            self._saw_head(event.method, version, headers)
+            return RequestHead(event.method, event.target, version, headers)
+        if type(event) is h11.EndOfMessage:
+            if event.headers:
+                # h11 reads trailer fields leniently (bare LF, obs-fold) and nothing may change
+                # framing or routing after the head was checked: a request with trailers is
+                # refused rather than forwarded without them.
+                raise RequestRefused(400, "bad_request", "trailer fields in a request")
+            return Ev.END
+        if event is h11.NEED_DATA:
+            return Ev.NEED_DATA
+        if event is h11.PAUSED:
+            return Ev.PAUSED
+        if type(event) is h11.ConnectionClosed:
+            raise RequestRefused(400, "bad_request", "connection closed mid-request")
+        raise RequestRefused(400, "bad_request", f"unexpected event {type(event).__name__}")
+
+    @property
+    def request_ended(self) -> bool:
         # MIGHT_SWITCH_PROTOCOL: an upgrade the upstream refused; the connection stays HTTP
-        return (
-            self._sent_end and not self._client_close and self._conn.their_state in _REQUEST_ENDED
-        )
+        return self._conn.their_state in _REQUEST_ENDED
 
     @property
     def trailing(self) -> bytes:

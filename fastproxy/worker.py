@@ -469,7 +469,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
             head_bytes, rest = taken
             leg = ServerLeg(self.listener.config.limits.max_head_bytes)
-            leg.feed(head_bytes)
+            leg.feed_head(head_bytes)
             if rest:
                 leg.feed(rest)
             try:
