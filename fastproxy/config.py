@@ -63,6 +63,7 @@ import difflib
 import enum
 import functools
 import importlib.resources
+import importlib.util
 import ipaddress
 import math
 import os
@@ -917,12 +918,12 @@ def _parse(data: Table, source: str) -> Config:
     http_parser = HttpParser.H11
     if "http_parser" in data:
         http_parser = _choice(data["http_parser"], "http_parser", "HTTP parser", _PARSERS)
-        if http_parser is not HttpParser.H11:
+        if http_parser is HttpParser.HTTPTOOLS and importlib.util.find_spec("httptools") is None:
             raise _bad(
                 "http_parser",
-                "this parser is not supported yet",
+                "httptools is not installed",
                 data["http_parser"],
-                hint='use "h11"',
+                hint="pip install 'fastproxy[httptools]', or use \"h11\"",
             )
     toggles = _preset_toggles(data.get("presets", {}))
 

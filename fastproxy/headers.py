@@ -139,7 +139,8 @@ def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
         elif folded == b"transfer-encoding":
             if name.lower() != b"transfer-encoding":
                 raise RequestRefused(400, "bad_request", "underscore spelling of Transfer-Encoding")
-            codings.extend(_tokens(value) or [b""])
+            # exactly "chunked": no other coding, no empty list elements (", chunked")
+            codings.append(value.strip(b" \t").lower())
         elif folded in (b"connection", b"proxy-connection"):
             connection.update(fold(t) for t in _tokens(value))
         elif folded == b"upgrade":

@@ -152,6 +152,9 @@ class HeadScanner:
         if head.count(b"\r\n") - 2 > self.max_headers:
             raise RequestRefused(431, "headers_too_large", "too many header fields")
         line_end = head.find(b"\r\n")
+        # RFC 9112 3: method SP request-target SP HTTP-version, single spaces (llhttp is lenient)
+        if head.count(b" ", 0, line_end) != 2:
+            raise RequestRefused(400, "bad_request", "malformed request line")
         first_space = head.find(b" ", 0, line_end)
         last_space = head.rfind(b" ", 0, line_end)
         if last_space - first_space - 1 > self.max_uri_bytes:
@@ -406,6 +409,21 @@ MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 _CHUNK_LINE_MAX = 1024
 
 
+# chunk-ext: tokens, "=", quoted strings and whitespace: visible ASCII, SP and HTAB
+_CHUNK_EXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """RFC 9112 7.1: ``chunk-size [ chunk-ext ]`` of a line without its CRLF; or ValueError."""
+    size, _, ext = line.partition(b";")
+    size = size.rstrip(b" \t")  # BWS before a chunk extension
+    if not size or size.strip(_HEX) or len(size) > 16:
+        raise ValueError(f"bad chunk size {line[:40]!r}")
+    if ext and ext.translate(None, _CHUNK_EXT_BYTES):
+        raise ValueError(f"bad chunk extension {line[:40]!r}")
+    return int(size, 16)
+
+
 class _Up(enum.Enum):
     """States of the upstream leg's response reader."""
 
@@ -646,10 +664,10 @@ class UpstreamLeg:
                     self._state = _Up.DONE
                     return Ev.END
                 continue  # trailer fields are not relayed
-            size = line.partition(b";")[0].strip(b" \t")
-            if not size or size.strip(_HEX) or len(size) > 16:
-                raise UpstreamBroken(f"bad chunk size {line[:40]!r}")
-            self._remaining = int(size, 16)
+            try:
+                self._remaining = parse_chunk_size(line)
+            except ValueError as exc:
+                raise UpstreamBroken(str(exc)) from exc
             if not self._remaining:
                 self._state = _Up.TRAILERS
                 continue

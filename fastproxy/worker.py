@@ -9,9 +9,10 @@ Theory of operation
 response); no task is created per request, everything runs in transport callbacks:
 
 1. ``HEAD``: bytes accumulate in a ``HeadScanner`` until a whole, well-formed head is there.
-2. The head goes to a fresh ``ServerLeg`` (h11), the headers to ``headers.inspect_request`` and
-   the target to the listener's ``PrefixTable``. A local answer (403, 400, 405...) is written at
-   once; a forward takes an upstream connection from the pool (``UPSTREAM`` state).
+2. The head goes to a fresh client leg (h11 or httptools), the headers to
+   ``headers.inspect_request`` and the target to the listener's ``PrefixTable``. A local
+   answer (403, 400, 405...) is written at once; a forward takes an upstream connection from
+   the pool (``UPSTREAM`` state).
 3. ``FORWARD``: request body events are written to the upstream as they are parsed, response
    events to the client as they arrive. Each side's ``pause_writing`` pauses reading on the
    other, so a slow peer holds back the fast one instead of filling memory.
@@ -34,13 +35,13 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import orjson
 
 from fastproxy import admin
-from fastproxy.config import Config, ListenerConfig, Mode, WebSocketMode
+from fastproxy.config import Config, HttpParser, ListenerConfig, Mode, WebSocketMode
 from fastproxy.headers import (
     RequestInfo,
     RequestRefused,
@@ -51,7 +52,15 @@ from fastproxy.headers import (
     trusted_request_id,
     upstream_headers,
 )
-from fastproxy.http1 import Ev, HeadScanner, RequestHead, ResponseHead, ServerLeg, UpstreamBroken
+from fastproxy.http1 import (
+    ClientLeg,
+    Ev,
+    HeadScanner,
+    RequestHead,
+    ResponseHead,
+    ServerLeg,
+    UpstreamBroken,
+)
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Action, Decision, PrefixTable, Refusal
 from fastproxy.upstream import UpstreamPool, UpstreamProtocol
@@ -142,6 +151,11 @@ class WorkerState:
             name: Listener(lc, self.pools, self.metrics) for name, lc in config.listeners.items()
         }
         self.draining = False
+        self.leg_class: Callable[[int], ClientLeg] = ServerLeg
+        if config.http_parser is HttpParser.HTTPTOOLS:
+            from fastproxy.http1_httptools import HttptoolsLeg  # an optional extra
+
+            self.leg_class = HttptoolsLeg
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_counter = 0
 
@@ -179,7 +193,7 @@ class Cycle:
         "websocket",
     )
 
-    def __init__(self, leg: ServerLeg, head: RequestHead, start: float) -> None:
+    def __init__(self, leg: ClientLeg, head: RequestHead, start: float) -> None:
         self.leg = leg
         self.head = head
         self.start = start
@@ -468,11 +482,11 @@ class ClientProtocol(asyncio.Protocol):
             if taken is None:
                 return
             head_bytes, rest = taken
-            leg = ServerLeg(self.listener.config.limits.max_head_bytes)
-            leg.feed_head(head_bytes)
-            if rest:
-                leg.feed(rest)
+            leg = self.worker.leg_class(self.listener.config.limits.max_head_bytes)
             try:
+                leg.feed_head(head_bytes)
+                if rest:
+                    leg.feed(rest)
                 event = leg.next_event()
             except RequestRefused as refused:
                 self._local_reply_raw(refused.status, refused.code)
@@ -500,6 +514,10 @@ class ClientProtocol(asyncio.Protocol):
             if trusted and trusted_request_id(info.request_id) and info.request_id is not None
             else self.worker.next_request_id()
         )
+        if info.host is None and head.http_version == b"1.1":
+            # RFC 9112 3.2 (h11 checks it too; llhttp does not)
+            self._local_reply(cycle, 400, "bad_host", close=True)
+            return
         if head.method in lconf.refused_methods:
             self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
             return

@@ -7,6 +7,8 @@
   stopped at teardown.
 - ``preset``: a ``Stack`` (upstream + proxy with the default config) shared by one test module,
   its upstream's records cleared before each test. For tests that only send requests.
+- ``http_parser``: every proxy runs once per parser, ``h11`` and ``httptools`` (SPEC 5: both
+  implementations pass the same tests).
 
 When a test fails, the output of every proxy it used is added to the report.
 """
@@ -39,9 +41,18 @@ def upstream() -> Iterator[RecordingUpstream]:
         yield started
 
 
+PARSERS = ("h11", "httptools")
+
+
+@pytest.fixture(scope="module", params=PARSERS)
+def http_parser(request: pytest.FixtureRequest) -> str:
+    parser: str = request.param
+    return parser
+
+
 @pytest.fixture
-def proxy(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    factory = ProxyFactory(tmp_path, [upstream.address])
+def proxy(upstream: RecordingUpstream, tmp_path: Path, http_parser: str) -> Iterator[ProxyFactory]:
+    factory = ProxyFactory(tmp_path, [upstream.address], http_parser)
     try:
         yield factory
     finally:
@@ -49,9 +60,9 @@ def proxy(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]
 
 
 @pytest.fixture(scope="module")
-def _preset_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _preset_stack(tmp_path_factory: pytest.TempPathFactory, http_parser: str) -> Iterator[Stack]:
     with running_upstream() as started:
-        factory = ProxyFactory(tmp_path_factory.mktemp("preset"), [started.address])
+        factory = ProxyFactory(tmp_path_factory.mktemp("preset"), [started.address], http_parser)
         try:
             yield Stack(started, factory(), factory)
         finally:

@@ -106,10 +106,10 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def _rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def _rig(tmp_path_factory: pytest.TempPathFactory, http_parser: str) -> Iterator[Rig]:
     upstream = CorpusUpstream()
     upstream.start()
-    factory = ProxyFactory(tmp_path_factory.mktemp("adversarial"), [upstream.address])
+    factory = ProxyFactory(tmp_path_factory.mktemp("adversarial"), [upstream.address], http_parser)
     try:
         yield Rig(upstream, factory)
     finally:

@@ -102,11 +102,15 @@ def merge(base: TomlTable, overrides: TomlTable) -> dict[str, object]:
 
 
 def default_config(
-    servers: Sequence[str], *, first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S
+    servers: Sequence[str],
+    *,
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+    http_parser: str = "h11",
 ) -> dict[str, object]:
     """The preset on both listeners in front of ``servers``; binds are filled in at start."""
     return {
         "workers": 1,
+        "http_parser": http_parser,
         "upstreams": {
             "cobrowse": {"servers": list(servers), "first_byte_timeout_s": first_byte_timeout_s}
         },
@@ -214,9 +218,13 @@ def _children(pid: int) -> list[int]:
 class ProxyFactory:
     """Start proxies with a config written into ``directory``; ``stop_all()`` ends them."""
 
-    def __init__(self, directory: Path, default_servers: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, default_servers: Sequence[str] = (), http_parser: str = "h11"
+    ) -> None:
         self.directory = directory
         self.default_servers = list(default_servers)
+        #: the ``http_parser`` of every proxy this factory starts
+        self.http_parser = http_parser
         self.started: list[RunningProxy] = []
 
     def __call__(
@@ -239,6 +247,7 @@ class ProxyFactory:
             default_config(
                 self.default_servers if servers is None else servers,
                 first_byte_timeout_s=first_byte_timeout_s,
+                http_parser=self.http_parser,
             ),
             overrides or {},
         )

@@ -929,11 +929,7 @@ def test_config_dump_leaves_plain_listener_rules_to_the_toggle_when_listeners_di
     assert "[policies.cobrowse-sdk.rules.sockets]" in text
 
 
-def test_config_httptools_parser_not_supported_yet(tmp_path: Path) -> None:
+def test_config_httptools_parser_selected(tmp_path: Path) -> None:
     path = tmp_path / "fastproxy.toml"
     path.write_text('http_parser = "httptools"\n' + BASE)
-    with pytest.raises(ConfigError) as caught:
-        load_config(str(path))
-    assert str(caught.value).endswith(
-        'http_parser: this parser is not supported yet, got "httptools" (use "h11")'
-    )
+    assert load_config(str(path)).http_parser is HttpParser.HTTPTOOLS

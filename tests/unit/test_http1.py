@@ -14,6 +14,7 @@ from fastproxy.http1 import (
     UpstreamBroken,
     UpstreamLeg,
 )
+from fastproxy.http1_httptools import HttptoolsLeg
 
 
 def _scan(
@@ -310,3 +311,51 @@ def test_server_leg_writer_honours_connection_close() -> None:
     assert b"Connection: close\r\n" in leg.response_head(200, [], length=0)
     leg.end()
     assert not leg.keep_alive
+
+
+def _httptools_events(data: bytes) -> tuple[HttptoolsLeg, list[RequestHead | bytes | Ev]]:
+    scanner = HeadScanner(16384, 100, 8192)
+    scanner.feed(data)
+    taken = scanner.maybe_take_head()
+    assert taken is not None
+    leg = HttptoolsLeg(16384)
+    leg.feed_head(taken[0])
+    leg.feed(taken[1])
+    events: list[RequestHead | bytes | Ev] = []
+    while True:
+        event = leg.next_event()
+        events.append(event)
+        if event in (Ev.NEED_DATA, Ev.PAUSED):
+            return leg, events
+
+
+def test_httptools_leg_reads_head_as_sent_and_chunked_body() -> None:
+    leg, events = _httptools_events(
+        b"POST /a?b=%2F HTTP/1.1\r\nHost: a\r\nX_Odd: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nGET /next HTTP/1.1\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.http_version) == (b"POST", b"/a?b=%2F", b"1.1")
+    assert (b"X_Odd", b"1") in head.headers
+    assert b"".join(e for e in events if isinstance(e, bytes)) == b"abcde"
+    assert Ev.END in events
+    assert leg.request_ended and leg.trailing == b"GET /next HTTP/1.1\r\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: y\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+        b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_httptools_leg_refuses(data: bytes) -> None:
+    with pytest.raises(RequestRefused):
+        _httptools_events(data)

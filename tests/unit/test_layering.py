@@ -16,6 +16,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "headers": (set(), set()),
     "config": ({"errors", "policy"}, set()),
     "http1": ({"headers"}, {"h11"}),
+    "http1_httptools": ({"http1", "headers"}, {"httptools"}),
     "wsrelay": (set(), {"wsproto"}),
     "metrics": ({"fastproxy"}, {"prometheus_client"}),
     "log": ({"errors"}, {"orjson"}),
@@ -28,6 +29,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "errors",
             "headers",
             "http1",
+            "http1_httptools",
             "metrics",
             "policy",
             "upstream",
@@ -41,7 +43,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
-PURE = {"policy", "headers", "config", "http1", "wsrelay"}
+PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsrelay"}
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
 

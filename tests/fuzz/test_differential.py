@@ -1,0 +1,107 @@
+"""Differential test of the two client legs: h11 and httptools read every request alike.
+
+Both legs run behind the same ``HeadScanner`` and the same ``inspect_request``, as in a worker.
+One may refuse what the other accepts (llhttp knows fewer methods than h11 accepts tokens, for
+instance): a refusal cannot be a bypass. When both accept, the method, target, version, header
+fields, body and the bytes left for the next request must be identical: a difference there is
+a request one parser would forward differently from the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastproxy.config import Limits
+from fastproxy.headers import RequestRefused, inspect_request
+from fastproxy.http1 import ClientLeg, Ev, HeadScanner, RequestHead, ServerLeg
+from fastproxy.http1_httptools import HttptoolsLeg
+
+from .corpus import SEEDS
+from .grammar import HypothesisSource, request, stream
+
+LIMITS = Limits()
+Outcome = tuple[object, ...]
+
+
+def read_one(leg_class: Callable[[int], ClientLeg], data: bytes) -> Outcome:
+    """What one leg makes of the first request in ``data``: refused, or everything it read."""
+    scanner = HeadScanner(LIMITS.max_head_bytes, LIMITS.max_headers, LIMITS.max_uri_bytes)
+    scanner.feed(data)
+    try:
+        taken = scanner.maybe_take_head()
+        if taken is None:
+            return ("incomplete",)
+        head_bytes, rest = taken
+        leg = leg_class(LIMITS.max_head_bytes)
+        leg.feed_head(head_bytes)
+        if rest:
+            leg.feed(rest)
+        head = leg.next_event()
+        assert isinstance(head, RequestHead)
+        info = inspect_request(head.headers)
+        if info.host is None and head.http_version == b"1.1":
+            return ("refused",)
+        body = b""
+        while True:
+            event = leg.next_event()
+            if isinstance(event, bytes):
+                body += event
+            elif event is Ev.END:
+                complete = True
+                break
+            else:
+                complete = event is Ev.PAUSED
+                break
+    except RequestRefused:
+        return ("refused",)
+    fields = [(name.lower(), value) for name, value in head.headers]
+    return (
+        head.method,
+        head.target,
+        head.http_version,
+        fields,
+        body,
+        complete,
+        leg.trailing if complete else b"",
+    )
+
+
+def assert_same_reading(data: bytes) -> None:
+    h11_reading = read_one(ServerLeg, data)
+    llhttp_reading = read_one(HttptoolsLeg, data)
+    if "refused" in (h11_reading[0], llhttp_reading[0]):
+        return
+    assert h11_reading == llhttp_reading, data
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_differential_seed_corpus(name: str) -> None:
+    assert_same_reading(SEEDS[name])
+
+
+def test_differential_agrees_on_plain_requests() -> None:
+    plain = (
+        b"POST /api/1/devices?x=1 HTTP/1.1\r\nHost: a\r\nX_Odd: 1\r\nx-MiXeD:  v \r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.1\r\n"
+    )
+    reading = read_one(HttptoolsLeg, plain)
+    assert reading == read_one(ServerLeg, plain)
+    assert reading[4] == b"abc" and reading[6] == b"GET /next HTTP/1.1\r\n"
+    assert read_one(HttptoolsLeg, b"GET / HTTP/1.1\r\n\r\n") == ("refused",)
+
+
+@settings(
+    max_examples=400,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.data())
+def test_differential_generated_requests(data: st.DataObject) -> None:
+    src = HypothesisSource(data)
+    assert_same_reading(request(src) if src.below(3) else stream(src))
