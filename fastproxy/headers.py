@@ -300,6 +300,11 @@ def trusted_request_id(value: bytes | None) -> bool:
     )
 
 
+_RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
+# Connection options that name no field
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def response_headers(
     headers: list[tuple[bytes, bytes]], *, request_id: bytes, keep_upgrade: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -308,19 +313,23 @@ def response_headers(
     The client leg's writer adds the framing back (Content-Length from the upstream's, or
     chunked), so the relayed head can never carry two framings.
     """
+    # One pass; the rare fields named by Connection are filtered afterwards.
+    out: list[tuple[bytes, bytes]] = []
     named: set[bytes] = set()
     for name, value in headers:
-        if fold(name) == b"connection":
-            named.update(fold(t) for t in _tokens(value))
-    out: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        folded = fold(name)
-        if folded == b"upgrade" and keep_upgrade:
-            out.append((b"Upgrade", b"websocket"))
-            continue
-        if folded in HOP_BY_HOP or folded in named or folded == b"x-request-id":
+        folded = name.lower()
+        if b"_" in folded:
+            folded = folded.replace(b"_", b"-")
+        if folded in _RESPONSE_DROPPED:
+            if folded == b"connection":
+                named.update(fold(t) for t in _tokens(value))
+            elif folded == b"upgrade" and keep_upgrade:
+                out.append((b"Upgrade", b"websocket"))
             continue
         out.append((name, value))
+    named -= _CONNECTION_OPTIONS
+    if named:
+        out = [(n, v) for n, v in out if fold(n) not in named]
     if keep_upgrade:
         out.append((b"Connection", b"Upgrade"))
     out.append((b"X-Request-Id", request_id))

@@ -399,9 +399,7 @@ class ResponseHead:
         self.headers = headers
 
 
-_TOKEN_BYTES = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _HEX = b"0123456789abcdefABCDEF"
 _DIGITS = b"0123456789"
 #: a response head larger than this is a broken upstream
@@ -577,7 +575,8 @@ class UpstreamLeg:
             return Ev.NEED_DATA
         head = buf[:end]
         self._buf = buf[end + 4 :]
-        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        crlf = head.count(b"\r\n")
+        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
             raise UpstreamBroken("bare CR or LF in the response head")
         lines = head.split(b"\r\n")
         status_line = lines[0]
@@ -594,11 +593,14 @@ class UpstreamLeg:
         close = version == b"HTTP/1.0"
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or not _TOKEN_BYTES.issuperset(name):
+            if not colon or not name or name.translate(None, _TOKEN_BYTES):
                 raise UpstreamBroken(f"bad header line {line[:100]!r}")
             value = value.strip(b" \t")
             if b"\x00" in value:
                 raise UpstreamBroken("NUL in a response header")
+            headers.append((name, value))
+            if len(name) not in (10, 14, 17):  # connection, content-length, transfer-encoding
+                continue
             lower = name.lower()
             if lower == b"content-length":
                 if length is not None and length != value:
@@ -614,7 +616,6 @@ class UpstreamLeg:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
-            headers.append((name, value))
         # RFC 9112 6.3: with Transfer-Encoding, a Content-Length is ignored
         self.declared_length = int(length) if length is not None and not codings else None
         if status < 200:

@@ -762,12 +762,17 @@ class ClientProtocol(asyncio.Protocol):
                 return  # NEED_DATA or PAUSED
 
     def _pump_response(self, cycle: Cycle) -> None:
-        """Move parsed response events from the upstream to the client."""
+        """Move parsed response events from the upstream to the client.
+
+        What one call produces (typically head, body and end together) is written with one
+        ``writelines``: one system call per response instead of one per event.
+        """
         conn = cycle.upstream
-        transport = self.transport
         if conn is None:
             return
         leg = conn.leg
+        client_leg = cycle.leg
+        out: list[bytes] = []
         while True:
             try:
                 event = leg.next_event()
@@ -778,18 +783,22 @@ class ClientProtocol(asyncio.Protocol):
                 return
             try:
                 if type(event) is bytes:
-                    if transport is not None:
-                        transport.writelines(cycle.leg.body(event))
+                    out += client_leg.body(event)
                     continue
-                if event is Ev.END and transport is not None:
-                    transport.write(cycle.leg.end())
+                if type(event) is ResponseHead:
+                    if event.status == 101:
+                        self._flush(out)
+                        self._on_switch(cycle, event)
+                        return
+                    out.append(self._response_head(cycle, event))
+                    continue
+                if event is Ev.END:
+                    out.append(client_leg.end())
             except UpstreamBroken:  # the body disagrees with the Content-Length relayed
                 self._upstream_failed(cycle, "upstream_failed", 502)
                 return
-            if type(event) is ResponseHead:
-                if self._on_response_head(cycle, event):
-                    return
-            elif event is Ev.END:
+            self._flush(out)
+            if event is Ev.END:
                 cycle.response_done = True
                 if cycle.request_done:
                     self._finish_cycle(cycle)
@@ -799,42 +808,37 @@ class ClientProtocol(asyncio.Protocol):
                     self._finish_metrics(cycle, cycle.status)
                     self._drop_upstream(cycle)
                     self._close()
-                return
-            elif event is Ev.SWITCHED:
-                return
-            else:
-                return  # NEED_DATA / PAUSED
+            return  # END, NEED_DATA, PAUSED, SWITCHED
 
-    def _on_response_head(self, cycle: Cycle, event: ResponseHead) -> bool:
-        """Relay a response head; return True when the cycle left the streaming loop."""
-        transport = self.transport
+    def _flush(self, out: list[bytes]) -> None:
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+
+    def _response_head(self, cycle: Cycle, event: ResponseHead) -> bytes:
+        """The bytes of a relayed response head (``b""`` for a 1xx that is not relayed)."""
         status = event.status
-        if status == 101:
-            return self._on_switch(cycle, event)
         if status < 200:
-            if status == 100 and transport is not None and not cycle.request_done:
+            if status == 100 and not cycle.request_done:
                 headers = response_headers(event.headers, request_id=cycle.request_id)
-                transport.write(cycle.leg.response_head(100, headers, event.reason))
-            return False
+                return cycle.leg.response_head(100, headers, event.reason)
+            return b""
         cycle.status = status
         cycle.response_started = True
+        upstream = cycle.upstream
+        assert upstream is not None
         cycle.last_read = self.worker.loop.time()
         self._arm(
             self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
             self._on_upstream_read_timeout,
         )
         headers = response_headers(event.headers, request_id=cycle.request_id)
-        if transport is not None:
-            transport.write(
-                cycle.leg.response_head(
-                    status,
-                    headers,
-                    event.reason,
-                    length=cycle.upstream.leg.declared_length if cycle.upstream else None,
-                    close=self.worker.draining,
-                )
-            )
-        return False
+        return cycle.leg.response_head(
+            status,
+            headers,
+            event.reason,
+            length=upstream.leg.declared_length,
+            close=self.worker.draining,
+        )
 
     def _on_switch(self, cycle: Cycle, event: ResponseHead) -> bool:
         conn = cycle.upstream
