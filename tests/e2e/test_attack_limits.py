@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 from support.client import (
@@ -29,7 +28,7 @@ from support.client import (
     get,
     host_of,
 )
-from support.proxy import ProxyFactory, RunningProxy
+from support.proxy import ProxyFactory, RunningProxy, rss_bytes
 from support.upstream import RecordingUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -41,26 +40,10 @@ NORMAL_DEADLINE_S = 10.0
 MB = 1024 * 1024
 
 
-def worker_pids(proxy: RunningProxy) -> list[int]:
-    """The master's children, read from /proc (Linux)."""
-    pids: list[int] = []
-    for children in Path(f"/proc/{proxy.pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(pid) for pid in children.read_text().split()]
-    return pids
-
-
 def the_worker(proxy: RunningProxy) -> int:
-    pids = worker_pids(proxy)
+    pids = proxy.worker_pids()
     assert len(pids) == 1, pids
     return pids[0]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 class Dribbler:

@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from support.client import (
@@ -17,7 +16,7 @@ from support.client import (
     get,
     host_of,
 )
-from support.proxy import ProxyFactory
+from support.proxy import ProxyFactory, rss_bytes
 from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
@@ -161,17 +160,11 @@ def test_hardening_response_with_chunked_and_content_length_is_relayed_chunked(
         assert conn.get("/api/1/devices/next").body == b"/api/1/devices/next"
 
 
-def _worker_rss_kib(master_pid: int) -> int:
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    status = Path(f"/proc/{children[0]}/status").read_text()
-    line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1])
-
-
 def test_hardening_unread_local_replies_do_not_grow_memory(proxy: ProxyFactory) -> None:
     running = proxy()
     port = running.sdk_port
-    before = _worker_rss_kib(running.pid)
+    [worker] = running.worker_pids()
+    before = rss_bytes(worker)
     denied = build_request("/admin", host=host_of(port))
     batch = denied * 2000
     sent = 0
@@ -185,7 +178,7 @@ def test_hardening_unread_local_replies_do_not_grow_memory(proxy: ProxyFactory) 
             except (TimeoutError, OSError):
                 break  # the proxy stopped reading: that is the point
             sent += len(batch)
-        growth_mib = (_worker_rss_kib(running.pid) - before) / 1024
+        growth_mib = (rss_bytes(worker) - before) / (1024 * 1024)
     # pipelined requests wait in the kernel while their answers are not read
     assert growth_mib < 32, f"worker grew {growth_mib:.0f} MiB after {sent} bytes sent"
     assert get(port, "/api/1/devices/alive").status == 200

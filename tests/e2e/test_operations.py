@@ -30,7 +30,7 @@ from support.client import (
     get,
     host_of,
 )
-from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy
+from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy, rss_bytes
 from support.upstream import RecordingUpstream, pattern_body
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -47,25 +47,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}\n{proxy.output()}")
         time.sleep(POLL_S)
-
-
-def worker_pids(proxy: RunningProxy) -> list[int]:
-    """The master's children (its workers), from ``/proc``."""
-    try:
-        text = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(pid) for pid in text.split()]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` (``VmRSS`` of ``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            value, unit = line.split()[1:3]
-            assert unit == "kB", line
-            return int(value) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 # -- the Prometheus exposition text ---------------------------------------------------------------
@@ -125,7 +106,7 @@ def test_metrics_count_requests_across_workers(
     proxy: ProxyFactory, upstream: RecordingUpstream
 ) -> None:
     running = proxy(overrides={"workers": 2})
-    wait_until("two workers", lambda: len(worker_pids(running)) == 2, running)
+    wait_until("two workers", lambda: len(running.worker_pids()) == 2, running)
     port = running.sdk_port
     allowed, denied = 7, 5
     # each request on a new connection, so both workers are likely to serve some
@@ -363,8 +344,8 @@ def test_slow_client_reading_large_response_keeps_worker_memory_flat(
 ) -> None:
     running = proxy()
     port = running.sdk_port
-    wait_until("the worker", lambda: len(worker_pids(running)) == 1, running)
-    [pid] = worker_pids(running)
+    wait_until("the worker", lambda: len(running.worker_pids()) == 1, running)
+    [pid] = running.worker_pids()
     size = 50_000_000
     # a first large response warms the allocator, so the baseline is the worker's working set
     assert len(get(port, "/api/1/devices?size=4000000").body) == 4_000_000

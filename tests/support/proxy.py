@@ -158,6 +158,10 @@ class RunningProxy:
     def port(self, listener: str) -> int:
         return self.ports[listener]
 
+    def worker_pids(self) -> list[int]:
+        """The master's children, its workers (Linux ``/proc``; empty once it is gone)."""
+        return _children(self.pid)
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
@@ -204,6 +208,14 @@ class RunningProxy:
         else:
             self.returncode = self.process.returncode
         return self.returncode
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (``VmRSS`` of ``/proc/<pid>/status``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _children(pid: int) -> list[int]:
