@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=_positive_int, metavar="N", help="worker processes (overrides the file)"
     )
+    run.add_argument(
+        "--access-log",
+        metavar="PATH",
+        help='one JSON object per request: "-" for stdout, or a file to append to (default: off)',
+    )
     add_log_level_option(run)
 
     check = commands.add_parser("check", help="validate a configuration; exit 0 or 1")
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: str | None = args.command
     if command == "run":
-        return cmd_run(args.config, args.workers, args.log_level)
+        return cmd_run(args.config, args.workers, args.log_level, args.access_log)
     if command == "check":
         return cmd_check(args.config, quiet=args.quiet)
     if command == "explain":
@@ -198,7 +203,9 @@ def _load(path: str | None) -> Config:
         raise ConfigError(f"cannot read the file: {err.strerror or err}", where=path or "") from err
 
 
-def cmd_run(path: str | None, workers: int | None, log_level: str) -> int:
+def cmd_run(
+    path: str | None, workers: int | None, log_level: str, access_log: str | None = None
+) -> int:
     """``fastproxy run``: load, set up logging, and supervise the workers until stopped."""
     try:
         cfg = _load(path)
@@ -207,7 +214,7 @@ def cmd_run(path: str | None, workers: int | None, log_level: str) -> int:
         return EXIT_CONFIG
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
-    log.setup(log_level)
+    log.setup(log_level, access_log)
     return _run_master(cfg)
 
 

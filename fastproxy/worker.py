@@ -920,21 +920,24 @@ class ClientProtocol(asyncio.Protocol):
             self._access_log(cycle, status)
 
     def _access_log(self, cycle: Cycle, status: int) -> None:
+        """One record per request; the query string, cookies and credentials are never logged."""
         decision = cycle.decision
+        info = cycle.info
         access_logger.info(
-            "access",
-            extra={
+            {
                 "request_id": cycle.request_id.decode("ascii", "replace"),
                 "client_ip": self.client_ip,
                 "method": cycle.head.method.decode("ascii", "replace"),
-                "path": (decision.path if decision else b"").decode("ascii", "replace"),
+                "host": (info.host or b"").decode("ascii", "replace")[:200] if info else "",
+                "path": (decision.path if decision else b"").decode("ascii", "replace")[:2048],
                 "listener": self.listener.name,
                 "rule": decision.rule.name if decision else "-",
                 "decision": cycle.verdict,
                 "status": status,
-                "dur_ms": round((time.monotonic() - cycle.start) * 1000, 3),
+                "duration_s": round(time.monotonic() - cycle.start, 6),
                 "upstream": cycle.upstream_name,
-            },
+                "reason": decision.refusal.value if decision and decision.refusal else None,
+            }
         )
 
     # ---------------------------------------------------------------- local replies

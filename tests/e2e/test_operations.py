@@ -9,6 +9,7 @@ deadlines; nothing asserts how fast something happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -522,3 +523,31 @@ def test_check_command_names_file_and_key(
     assert completed.stdout == ""
     assert completed.stderr.startswith("edge.toml: " + where), completed.stderr
     assert value in completed.stderr
+
+
+def test_access_log_one_json_line_per_request_without_query_or_cookies(
+    proxy: ProxyFactory, upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "access.log"
+    running = proxy(args=["--access-log", str(log_path)])
+    response = get(
+        running.sdk_port, "/api/1/devices/x?token=s3cret", headers=[("Cookie", "session=s3cret")]
+    )
+    assert response.status == 200
+    assert get(running.sdk_port, "/admin").status == 403
+    wait_until(
+        "two access records",
+        lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 2,
+        running,
+    )
+    text = log_path.read_text()
+    assert "s3cret" not in text
+    first, second = (json.loads(line) for line in text.splitlines()[:2])
+    assert first["request_id"] == response.header("X-Request-Id").decode()  # type: ignore[union-attr]
+    assert (first["path"], first["rule"], first["decision"], first["status"]) == (
+        "/api/1/devices/x",
+        "api-devices",
+        "forward",
+        200,
+    )
+    assert (second["path"], second["decision"], second["status"]) == ("/admin", "deny", 403)

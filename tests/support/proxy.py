@@ -247,13 +247,15 @@ class ProxyFactory:
         overrides: TomlTable | None = None,
         extra: str = "",
         wait: bool = True,
+        args: Sequence[str] = (),
     ) -> RunningProxy:
         """Start fastproxy and wait until it is live.
 
         ``servers`` replaces the upstream's server list (default: the recording upstream).
         ``overrides`` is deep-merged into the default document, e.g.
         ``{"listeners": {"sdk": {"limits": {"header_timeout_s": 1.0}}}}``; a listener it adds
-        without a ``bind`` gets a free port. ``extra`` is TOML text appended as it is.
+        without a ``bind`` gets a free port. ``extra`` is TOML text appended as it is; ``args``
+        are more options for ``fastproxy run``.
         """
         document = merge(
             default_config(
@@ -280,7 +282,7 @@ class ProxyFactory:
         stderr_path = self.directory / f"fastproxy-{index}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "fastproxy", "run", "-c", str(config_path)],
+                [sys.executable, "-m", "fastproxy", "run", "-c", str(config_path), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
