@@ -1,0 +1,1 @@
+"""Performance guards that count work instead of timing it."""
