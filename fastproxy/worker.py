@@ -237,7 +237,6 @@ class ClientProtocol(asyncio.Protocol):
         "upstream_write_blocked",
         "worker",
         "ws_closing",
-        "ws_started",
     )
 
     def __init__(self, worker: WorkerState, listener: Listener) -> None:
@@ -259,7 +258,6 @@ class ClientProtocol(asyncio.Protocol):
         self.last_ws_activity = 0.0
         self.relay: WebSocketRelay | None = None
         self.tunnel_upstream: UpstreamProtocol | None = None
-        self.ws_started = 0.0
         self.ws_closing = False
 
     # ---------------------------------------------------------------- transport callbacks
@@ -331,7 +329,7 @@ class ClientProtocol(asyncio.Protocol):
             if not cycle.response_done:
                 self._finish_metrics(cycle, 499 if not cycle.status else cycle.status)
         if previous is State.TUNNEL:
-            self._end_tunnel(None)
+            self._end_tunnel()
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -666,7 +664,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_upstream_lost(self) -> None:
         if self.state is State.TUNNEL:
-            self._end_tunnel(None)
+            self._end_tunnel()
             self._close()
             return
         cycle = self.cycle
@@ -865,7 +863,6 @@ class ClientProtocol(asyncio.Protocol):
         self.cycle = None
         self.state = State.TUNNEL
         self.tunnel_upstream = conn
-        self.ws_started = time.monotonic()
         self.listener.ws_gauge.inc()
         limits = self.listener.config.limits
         if self.listener.config.websocket_mode is WebSocketMode.VALIDATE:
@@ -1067,7 +1064,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.listener.name, str(out.client_close_code)
             ).inc()
         if out.done:
-            self._end_tunnel(None)
+            self._end_tunnel()
             self._close()
         elif self.relay is not None and self.relay.closing and not self.ws_closing:
             # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
@@ -1076,7 +1073,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_ws_close_timeout(self) -> None:
         self.timer = None
-        self._end_tunnel(None)
+        self._end_tunnel()
         self._close(abort=True)
 
     def _on_ws_tick(self) -> None:
@@ -1089,7 +1086,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.relay is not None:
                 self._apply(self.relay.going_away())
             else:
-                self._end_tunnel(None)
+                self._end_tunnel()
                 self._close()
             return
         if self.relay is not None and idle >= limits.ws_ping_interval_s * 0.9:
@@ -1098,7 +1095,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.write(ping)
         self._arm(limits.ws_ping_interval_s, self._on_ws_tick)
 
-    def _end_tunnel(self, code: int | None) -> None:
+    def _end_tunnel(self) -> None:
         conn = self.tunnel_upstream
         if conn is None:
             return
@@ -1114,7 +1111,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.relay is not None:
                 self._apply(self.relay.going_away())
             else:
-                self._end_tunnel(None)
+                self._end_tunnel()
                 self._close()
 
 
