@@ -6,6 +6,7 @@ import pytest
 
 from fastproxy.headers import RequestRefused
 from fastproxy.http1 import (
+    ClientLeg,
     Ev,
     HeadScanner,
     RequestHead,
@@ -60,15 +61,20 @@ def test_head_scanner_refuses(data: bytes, status: int) -> None:
     assert caught.value.status == status
 
 
-def _server(data: bytes) -> tuple[ServerLeg, list[RequestHead | bytes | Ev]]:
-    leg = ServerLeg(16384)
-    leg.feed(data)
+def _drain(leg: ClientLeg) -> list[RequestHead | bytes | Ev]:
+    """Every event up to the first NEED_DATA or PAUSED."""
     events: list[RequestHead | bytes | Ev] = []
     while True:
         event = leg.next_event()
         events.append(event)
         if event in (Ev.NEED_DATA, Ev.PAUSED):
-            return leg, events
+            return events
+
+
+def _server(data: bytes) -> tuple[ServerLeg, list[RequestHead | bytes | Ev]]:
+    leg = ServerLeg(16384)
+    leg.feed(data)
+    return leg, _drain(leg)
 
 
 def test_server_leg_keeps_raw_header_case_and_order() -> None:
@@ -321,12 +327,7 @@ def _httptools_events(data: bytes) -> tuple[HttptoolsLeg, list[RequestHead | byt
     leg = HttptoolsLeg(16384)
     leg.feed_head(taken[0])
     leg.feed(taken[1])
-    events: list[RequestHead | bytes | Ev] = []
-    while True:
-        event = leg.next_event()
-        events.append(event)
-        if event in (Ev.NEED_DATA, Ev.PAUSED):
-            return leg, events
+    return leg, _drain(leg)
 
 
 def test_httptools_leg_reads_head_as_sent_and_chunked_body() -> None:
