@@ -796,17 +796,23 @@ class ClientProtocol(asyncio.Protocol):
                 self._upstream_failed(cycle, "upstream_failed", 502)
                 return
             self._flush(out)
-            if event is Ev.END:
-                cycle.response_done = True
-                if cycle.request_done:
-                    self._finish_cycle(cycle)
-                else:
-                    # the upstream answered before the request body ended: the rest of the
-                    # body cannot be resynchronised, so this connection ends here
-                    self._finish_metrics(cycle, cycle.status)
-                    self._drop_upstream(cycle)
-                    self._close()
-            return  # END, NEED_DATA, PAUSED, SWITCHED
+            if event is not Ev.END:
+                if cycle.response_started and self.timer is None and self.state is State.FORWARD:
+                    self._arm(
+                        self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
+                        self._on_upstream_read_timeout,
+                    )
+                return  # NEED_DATA, PAUSED, SWITCHED
+            cycle.response_done = True
+            if cycle.request_done:
+                self._finish_cycle(cycle)
+            else:
+                # the upstream answered before the request body ended: the rest of the
+                # body cannot be resynchronised, so this connection ends here
+                self._finish_metrics(cycle, cycle.status)
+                self._drop_upstream(cycle)
+                self._close()
+            return
 
     def _flush(self, out: list[bytes]) -> None:
         if out and self.transport is not None:
@@ -825,10 +831,9 @@ class ClientProtocol(asyncio.Protocol):
         upstream = cycle.upstream
         assert upstream is not None
         cycle.last_read = self.worker.loop.time()
-        self._arm(
-            self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
-            self._on_upstream_read_timeout,
-        )
+        # the first-byte timer is done; the read timer is armed only if the body goes on
+        # after this read (_pump_response), so a small response costs no timer at all
+        self._cancel_timer()
         headers = response_headers(event.headers, request_id=cycle.request_id)
         return cycle.leg.response_head(
             status,
