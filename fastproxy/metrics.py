@@ -105,9 +105,6 @@ class WorkerMetrics:
             "Upstream failures by kind.",
             ["upstream", "kind"],
         )
-        self.bytes_in = Counter(
-            "fastproxy_client_received_bytes", "Bytes received from clients.", ["listener"]
-        )
         build = Gauge(
             "fastproxy_build_info",
             "Build information.",

@@ -122,7 +122,7 @@ class WebSocketRelay:
                     # wsproto could not parse the client's frames: a protocol error
                     self._fail_client(out, event.code, event.reason)
                     return out
-                self._relay_close(event, client, upstream, out.to_upstream, out.to_client, out)
+                self._relay_close(event, client, upstream, out.to_upstream, out)
         return out
 
     def from_upstream(self, data: bytes) -> RelayOutput:
@@ -153,7 +153,7 @@ class WebSocketRelay:
                         out.to_client.append(client.send(CloseConnection(code=1011)))
                     out.done = True
                     return out
-                self._relay_close(event, upstream, client, out.to_client, out.to_upstream, out)
+                self._relay_close(event, upstream, client, out.to_client, out)
         return out
 
     @staticmethod
@@ -162,7 +162,6 @@ class WebSocketRelay:
         source: Connection,
         other: Connection,
         to_other: list[bytes],
-        to_source: list[bytes],
         out: RelayOutput,
     ) -> None:
         if other.state is ConnectionState.OPEN:
