@@ -1,4 +1,4 @@
-"""Logging setup: JSON lines on stderr for the application log, and the access logger.
+"""Logging setup: JSON lines on stderr for the application log, and the buffered access log.
 
 Imports only ``errors`` from fastproxy, plus ``orjson``; never asyncio, sockets, config or metrics.
 Handlers are configured here and only here, called once by ``cli`` before the master forks, so
@@ -11,28 +11,63 @@ Invariants:
   ``listener``, ``conn_id``, ``decision``, ``status``, ``upstream``, ``dur_ms`` passed through
   ``extra=``, then ``exc`` when there is a traceback. Plain lines on stderr are what journald
   and container runtimes collect, so there is no syslog or file handler for this log.
-- ``fastproxy.access`` never propagates into the application log. It writes nowhere unless
-  ``setup`` is given ``access_log``: ``"-"`` for stdout, a path to append to a file.
-- ``reopen`` (SIGUSR1, after logrotate moved the file) swaps each file handler's stream for a new
-  one under the handler's lock, so no record is lost or written to the moved file.
+- The access log is not a ``logging`` handler: ``setup`` creates one ``AccessLog`` writer,
+  ``access`` (None when off), and a worker calls ``access.write(fields)`` once per request. A
+  record is one line: ``{"ts": ..., <fields in the given order>}`` encoded by orjson straight to
+  bytes. Lines are buffered and written like nginx's ``access_log path buffer=64k flush=1s``:
+  one ``os.write`` when ``ACCESS_BUFFER_BYTES`` are pending, and ``flush()`` from the worker's
+  one-second heartbeat and at its shutdown. So a record is at most about a second late, none is
+  lost at a clean shutdown, and a worker killed without one (SIGKILL, SIGABRT after a missed
+  heartbeat) loses what it had not flushed: at most a second's worth or 64 KiB.
+- Every write holds complete lines only. The file is opened with ``O_APPEND`` and each flush is
+  one ``write(2)``, so the lines of concurrent workers never interleave inside a line (for a
+  regular file; on a pipe, only writes up to ``PIPE_BUF`` are atomic).
+- A failed write never raises into the request path: the pending lines are dropped and the first
+  failure of a run of them is reported once as an ERROR in the application log; the recovery is
+  reported with the number of records lost.
+- Workers inherit the writer across ``fork``. The master never writes access records, so its
+  buffer is empty when it forks; in any case a forked child starts with an empty buffer
+  (``os.register_at_fork``), so no line buffered before a fork is ever written twice.
+- ``fastproxy.access`` is still a logger, for callers that log through ``logging``: its records
+  go to the same writer, flushed per record (the old cost, but never lost or reordered). It never
+  propagates into the application log, and writes nowhere without ``access_log``.
+- ``reopen`` (SIGUSR1, after logrotate moved the file) flushes what is pending to the old file,
+  then opens the path again and swaps the descriptor. Each process holds its own descriptor: the
+  master reopens its own (for the workers it will fork), every worker must reopen its own.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
 import sys
 import time
+import weakref
 from collections.abc import Mapping
 
 import orjson
 
+logger = logging.getLogger(__name__)
+
 #: name of the application logger every module logs under
 APP_LOGGER = "fastproxy"
-#: name of the access logger; one record per request, off unless configured
+#: name of the access logger, for records logged through ``logging``; the hot path uses ``access``
 ACCESS_LOGGER = "fastproxy.access"
 
 #: optional keys copied from ``extra=`` into the JSON object, in this order
 EXTRA_KEYS = ("listener", "conn_id", "decision", "status", "upstream", "dur_ms")
+
+#: pending access-log bytes that trigger a write: nginx's ``access_log ... buffer=64k``
+ACCESS_BUFFER_BYTES = 64 * 1024
+#: how long a flush waits for a non-blocking output that is full (a pipe nobody reads) before it
+#: drops the rest; shorter than the master's heartbeat timeout, so a stalled reader of stdout
+#: costs records, not the worker
+FLUSH_STALL_S = 1.0
+#: the access log's value for "-": the process's standard output
+STDOUT = "-"
+_STDOUT_FD = 1
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -42,12 +77,16 @@ LEVELS: Mapping[str, int] = {
     "critical": logging.CRITICAL,
 }
 
+_TS_SECONDS = "%Y-%m-%dT%H:%M:%S"
+# '.mmmZ",' for every millisecond: one tuple index instead of a format per record.
+_MILLIS: tuple[bytes, ...] = tuple(b'.%03dZ",' % n for n in range(1000))
+
 
 def format_ts(created: float) -> str:
     """Return ``created`` (seconds since the epoch) as RFC 3339 UTC with milliseconds."""
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return time.strftime(_TS_SECONDS, time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def _dump(doc: Mapping[str, object]) -> str:
@@ -81,24 +120,195 @@ class JsonFormatter(logging.Formatter):
         return _dump(doc)
 
 
-class AccessFormatter(logging.Formatter):
-    """Format an access record: its ``msg`` is the mapping to write, ``ts`` added when absent.
+def _open(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    The access record builder passes one mapping per request (``logger.info(fields)``); any other
-    message is written like an application record, so nothing is ever dropped silently.
+
+class AccessLog:
+    """A buffered writer of access records to a file (appended) or to stdout (``"-"``).
+
+    Not thread-safe: one per process, used from its event loop. ``write`` costs an orjson dump
+    and a buffer append; the system call happens once per ``ACCESS_BUFFER_BYTES`` and on
+    ``flush``.
     """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "__weakref__",
+        "_buf",
+        "_dropped",
+        "_failing",
+        "_fd",
+        "_limit",
+        "_prefix",
+        "_second",
+        "_stamp",
+        "path",
+    )
+
+    def __init__(self, path: str, *, buffer_bytes: int = ACCESS_BUFFER_BYTES) -> None:
+        """Open ``path`` for appending (created 0o644), or use fd 1 for ``"-"``.
+
+        Raises ``OSError`` when the file cannot be opened.
+        """
+        #: the path given, or ``"-"``
+        self.path = path
+        self._fd = _STDOUT_FD if path == STDOUT else _open(path)
+        self._limit = buffer_bytes
+        self._buf = bytearray()
+        # The seconds part of ``ts``, recomputed when the second changes: strftime is the most
+        # expensive step of a record and changes once a second.
+        self._second = -1
+        self._stamp = ""
+        self._prefix = b""
+        # a run of failed writes: reported once, and the records it lost
+        self._failing = False
+        self._dropped = 0
+        _writers.add(self)
+
+    def write(self, fields: dict[str, object]) -> None:
+        """Buffer one record: ``ts`` (now), then ``fields`` in their order; one JSON line.
+
+        Values orjson cannot encode are written as their ``str()``. Writes the buffer when it
+        reaches the size limit; never raises ``OSError``.
+        """
+        second, millis = divmod(time.time_ns() // 1_000_000, 1000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(_TS_SECONDS, time.gmtime(second))
+            self._prefix = b'{"ts":"' + self._stamp.encode()
+        if fields and "ts" not in fields:
+            # '{"ts":"...",' + the fields' own object without its "{": no dict copy, no str.
+            body = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
+            self._buf += self._prefix + _MILLIS[millis] + body[1:]
+        else:
+            # An empty record, or one that sets its own ts (kept first, as it always was).
+            doc: dict[str, object] = {"ts": f"{self._stamp}.{millis:03d}Z"}
+            doc.update(fields)
+            self._buf += orjson.dumps(doc, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        if len(self._buf) >= self._limit:
+            self.flush()
+
+    def _append_line(self, line: bytes) -> None:
+        self._buf += line
+        self._buf += b"\n"
+
+    def flush(self) -> None:
+        """Write every pending line with one ``os.write`` (more only after a partial write).
+
+        On an ``OSError`` the pending lines are dropped and the failure reported once through
+        the application log; nothing is raised. A no-op when nothing is pending.
+        """
+        if not self._buf:
+            return
+        data, self._buf = self._buf, bytearray()
+        with memoryview(data) as view:
+            self._write_all(view)
+
+    def _write_all(self, view: memoryview) -> None:
+        written = 0
+        deadline = 0.0
+        try:
+            while written < len(view):
+                try:
+                    count = os.write(self._fd, view[written:])
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    # stdout may be a non-blocking pipe that is full: wait for room, not forever.
+                    now = time.monotonic()
+                    deadline = deadline or now + FLUSH_STALL_S
+                    if now >= deadline:
+                        raise
+                    poller = select.poll()
+                    poller.register(self._fd, select.POLLOUT)
+                    poller.poll((deadline - now) * 1000)
+                    continue
+                if count == 0:  # never for a file or a pipe; a loop that cannot end otherwise
+                    raise OSError(errno.EIO, "write(2) wrote nothing")
+                written += count
+        except OSError as err:
+            self._drop(view[written:], err)
+            return
+        if self._failing:
+            logger.warning(
+                "access log %s: writing again after dropping %d records", self.path, self._dropped
+            )
+            self._failing = False
+            self._dropped = 0
+
+    def _drop(self, unwritten: memoryview, err: OSError) -> None:
+        # Records not (completely) written: the newlines left, one per record.
+        self._dropped += bytes(unwritten).count(b"\n")
+        if not self._failing:
+            self._failing = True
+            logger.error(
+                "access log %s: write failed, dropping records until it works again: %s",
+                self.path,
+                err,
+            )
+
+    def reopen(self) -> bool:
+        """Flush to the current file, then open ``path`` again and write there from now on.
+
+        Returns False for stdout (nothing to reopen). Raises ``OSError`` when the path cannot be
+        opened; the old descriptor is then kept, so records still go somewhere.
+        """
+        self.flush()
+        if self.path == STDOUT:
+            return False
+        fd = _open(self.path)
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+        return True
+
+    def close(self) -> None:
+        """Flush, then close the file (stdout stays open). Later writes are dropped, reported."""
+        self.flush()
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self.path != STDOUT:
+            os.close(fd)
+
+    def forget_pending(self) -> None:
+        """Drop pending lines unwritten: the parent of a fork owns them, not the child."""
+        self._buf = bytearray()
+
+
+# Every writer of this process, so a forked child drops what its parent had buffered.
+_writers: weakref.WeakSet[AccessLog] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for writer in _writers:
+        writer.forget_pending()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _AccessHandler(logging.Handler):
+    """Routes ``fastproxy.access`` logger records into the writer, flushed per record.
+
+    A mapping message with no arguments is the record's fields (``logger.info(fields)``); any
+    other message is written like an application record, so nothing is dropped silently.
+    """
+
+    def __init__(self, writer: AccessLog) -> None:
         super().__init__()
-        self._fallback = JsonFormatter()
+        self.writer = writer
+        self.setFormatter(JsonFormatter())
 
-    def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.msg, Mapping) and not record.args:
-            doc: dict[str, object] = {"ts": format_ts(record.created)}
-            doc.update(record.msg)
-            return _dump(doc)
-        return self._fallback.format(record)
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.msg
+        if isinstance(msg, Mapping) and not record.args:
+            self.writer.write(dict(msg))
+        else:
+            self.writer._append_line(self.format(record).encode())
+        self.writer.flush()
 
+
+#: the access-log writer ``setup`` created, or None when the access log is off
+access: AccessLog | None = None
 
 # Handlers this module installed, so a second ``setup`` replaces them instead of doubling lines.
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
@@ -107,25 +317,26 @@ _installed: list[tuple[logging.Logger, logging.Handler]] = []
 def setup(level: str = "info", access_log: str | None = None) -> None:
     """Send the ``fastproxy`` log to stderr as JSON lines at ``level``; optionally the access log.
 
-    ``access_log`` is ``"-"`` for stdout, a file path to append to, or None for no access log.
-    Raises ``ValueError`` for an unknown level and ``OSError`` when the file cannot be opened.
+    ``access_log`` is ``"-"`` for stdout, a file path to append to, or None for no access log;
+    it sets ``access``, closing the writer a previous call created. Raises ``ValueError`` for
+    an unknown level and ``OSError`` when the file cannot be opened.
     """
+    global access
     try:
         numeric = LEVELS[level.lower()]
     except KeyError:
         known = ", ".join(LEVELS)
         raise ValueError(f"unknown log level {level!r} (known: {known})") from None
 
-    access_handler: logging.Handler | None = None
-    if access_log == "-":
-        access_handler = logging.StreamHandler(sys.stdout)
-    elif access_log is not None:
-        access_handler = logging.FileHandler(access_log, mode="a", encoding="utf-8")
+    writer = None if access_log is None else AccessLog(access_log)
 
-    for logger, handler in _installed:
-        logger.removeHandler(handler)
+    for installed_logger, handler in _installed:
+        installed_logger.removeHandler(handler)
         handler.close()
     _installed.clear()
+    if access is not None:
+        access.close()
+    access = writer
 
     app = logging.getLogger(APP_LOGGER)
     app.setLevel(numeric)
@@ -134,28 +345,32 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     app.addHandler(app_handler)
     _installed.append((app, app_handler))
 
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.propagate = False
-    if access_handler is None:
+    access_logger = logging.getLogger(ACCESS_LOGGER)
+    access_logger.propagate = False
+    if writer is None:
         # Without a handler and without propagation, logging's last-resort handler would print
         # access records to stderr; disabling the level is what "off" means.
-        access.setLevel(logging.CRITICAL + 1)
+        access_logger.setLevel(logging.CRITICAL + 1)
     else:
-        access.setLevel(logging.INFO)
-        access_handler.setFormatter(AccessFormatter())
-        access.addHandler(access_handler)
-        _installed.append((access, access_handler))
+        access_logger.setLevel(logging.INFO)
+        access_handler = _AccessHandler(writer)
+        access_logger.addHandler(access_handler)
+        _installed.append((access_logger, access_handler))
 
 
 def reopen() -> int:
-    """Reopen every file this module logs to (after logrotate moved it); return how many."""
-    count = 0
-    for _logger, handler in _installed:
-        if isinstance(handler, logging.FileHandler):
-            # Always "a": setup opens access files for appending, and so must a reopen.
-            stream = open(handler.baseFilename, "a", encoding=handler.encoding)  # noqa: SIM115 - the handler owns and closes it
-            old = handler.setStream(stream)
-            if old is not None:
-                old.close()
-            count += 1
-    return count
+    """Reopen the access-log file (after logrotate moved it); return how many files, 0 or 1.
+
+    Pending records go to the old file first. A path that cannot be opened again is reported as
+    an ERROR and writing goes on to the old file: a failed reopen never stops the caller.
+    """
+    writer = access
+    if writer is None:
+        return 0
+    try:
+        return int(writer.reopen())
+    except OSError as err:
+        logger.error(
+            "access log %s: cannot reopen, still writing to the old file: %s", writer.path, err
+        )
+        return 0

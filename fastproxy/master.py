@@ -357,6 +357,7 @@ class Master:
         """SIGUSR1: reopen log files after rotation."""
         count = log.reopen()
         logger.info("SIGUSR1 received: reopened %d log files in the master", count)
+        self._signal_workers(signal.SIGUSR1)  # each worker reopens its own descriptors
 
     # -- workers ------------------------------------------------------------------------------
 

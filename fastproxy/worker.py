@@ -20,7 +20,8 @@ response); no task is created per request, everything runs in transport callback
    client bytes go back to the scanner: pipelined requests are answered in order.
 5. ``TUNNEL``: after a checked 101, ``wsrelay`` carries WebSocket frames both ways.
 
-Every timer is owned here (``loop.call_later``); the pure modules never read a clock.
+Every timeout is owned here, one per connection at a time, kept by the worker's ``Deadlines``
+(one loop timer for all connections); the pure modules never read a clock.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from typing import cast
 
 import orjson
 
-from fastproxy import admin
+from fastproxy import admin, log
 from fastproxy.config import Config, HttpParser, ListenerConfig, Mode, WebSocketMode
+from fastproxy.deadlines import Deadlines
 from fastproxy.headers import (
     RequestInfo,
     RequestRefused,
@@ -67,7 +69,6 @@ from fastproxy.upstream import UpstreamPool, UpstreamProtocol
 from fastproxy.wsrelay import RelayOutput, WebSocketRelay, upgrade_accepted
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("fastproxy.access")
 
 HEARTBEAT_INTERVAL_S = 1.0
 WRITE_HIGH_WATER_BYTES = 256 * 1024
@@ -151,6 +152,7 @@ class WorkerState:
             name: Listener(lc, self.pools, self.metrics) for name, lc in config.listeners.items()
         }
         self.draining = False
+        self.deadlines = Deadlines(loop)
         self.leg_class: Callable[[int], ClientLeg] = ServerLeg
         if config.http_parser is HttpParser.HTTPTOOLS:
             from fastproxy.http1_httptools import HttptoolsLeg  # an optional extra
@@ -220,9 +222,11 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = (
         "blocked_since",
+        "client_eof",
         "client_ip",
         "client_write_blocked",
         "cycle",
+        "deadline_tick",
         "last_ws_activity",
         "listener",
         "peer",
@@ -249,12 +253,16 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.peer = b""
-        self.timer: asyncio.TimerHandle | None = None
+        #: what to call when the armed timeout expires (None: no timeout armed)
+        self.timer: Callable[[], None] | None = None
+        self.deadline_tick = 0  # owned by ``worker.deadlines``
         self.read_paused = False
         self.upstream_write_blocked = False
         self.client_write_blocked = False
         self.blocked_since = 0.0
         self.trusted = False
+        #: the client half-closed after a complete request: answer what it sent, then close
+        self.client_eof = False
         self.last_ws_activity = 0.0
         self.relay: WebSocketRelay | None = None
         self.tunnel_upstream: UpstreamProtocol | None = None
@@ -290,11 +298,13 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is State.HEAD:
-            if len(self.scanner) == 0 and self.cycle is None:
-                # the first byte of a head: the header timeout replaces the keep-alive one
-                self._arm(self.listener.config.limits.header_timeout_s, self._on_head_timeout)
+            first = len(self.scanner) == 0 and self.cycle is None
             self.scanner.feed(data)
             self._process()
+            if first and self.state is State.HEAD and self.cycle is None and len(self.scanner):
+                # the first bytes of a head, not yet all of it: the header timeout replaces the
+                # keep-alive one (a head that arrived whole needs no timer of its own)
+                self._arm(self.listener.config.limits.header_timeout_s, self._on_head_timeout)
         elif state is State.FORWARD or state is State.UPSTREAM:
             cycle = self.cycle
             assert cycle is not None
@@ -306,8 +316,19 @@ class ClientProtocol(asyncio.Protocol):
             self._tunnel_from_client(data)
 
     def eof_received(self) -> bool | None:
-        if self.state is State.TUNNEL and self.relay is None and self.tunnel_upstream is not None:
+        state = self.state
+        if state is State.TUNNEL and self.relay is None and self.tunnel_upstream is not None:
             self.tunnel_upstream.close()
+        cycle = self.cycle
+        if (
+            (state is State.FORWARD or state is State.UPSTREAM)
+            and cycle is not None
+            and cycle.request_done
+        ):
+            # A half-close after a whole request: the answer still goes out (and any complete
+            # requests pipelined before the FIN), then the connection closes.
+            self.client_eof = True
+            return True
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -355,15 +376,21 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- timers
 
-    def _arm(self, delay: float, callback: object) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.worker.loop.call_later(delay, callback)  # type: ignore[arg-type]  # a bound method of ours
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in ``delay`` seconds, replacing the timeout armed before."""
+        self.timer = callback
+        self.worker.deadlines.arm(self, delay)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
-            self.timer.cancel()
             self.timer = None
+            self.worker.deadlines.cancel(self)
+
+    def on_deadline(self) -> None:
+        callback = self.timer
+        if callback is not None:
+            self.timer = None
+            callback()
 
     def _on_head_timeout(self) -> None:
         """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
@@ -436,8 +463,10 @@ class ClientProtocol(asyncio.Protocol):
         """Read from the client only while its bytes can go somewhere.
 
         Paused while the upstream cannot take more, while waiting for an upstream connection,
-        and once the request is complete (bytes after it are pipelined requests: they wait in
-        the kernel until this cycle ends, so buffering stays bounded).
+        and once bytes arrive after the complete request (pipelined requests: they wait in the
+        kernel until this cycle ends, so buffering stays bounded by one read). Reading is not
+        paused merely because the request is complete: on a keep-alive connection that would
+        cost two reading-state changes per request.
         """
         transport = self.transport
         if transport is None:
@@ -446,7 +475,13 @@ class ClientProtocol(asyncio.Protocol):
         want_pause = (
             self.upstream_write_blocked
             or (self.client_write_blocked and self.state is State.HEAD)
-            or (cycle is not None and (self.state is State.UPSTREAM or cycle.request_done))
+            or (
+                cycle is not None
+                and (
+                    self.state is State.UPSTREAM
+                    or (cycle.request_done and len(cycle.leg.trailing) > 0)
+                )
+            )
         )
         if want_pause and not self.read_paused:
             self.read_paused = True
@@ -478,6 +513,8 @@ class ClientProtocol(asyncio.Protocol):
                 self._local_reply_raw(refused.status, refused.code)
                 return
             if taken is None:
+                if self.client_eof:
+                    self._close()  # the client half-closed: nothing more can arrive
                 return
             head_bytes, rest = taken
             leg = self.worker.leg_class(self.listener.config.limits.max_head_bytes)
@@ -900,7 +937,9 @@ class ClientProtocol(asyncio.Protocol):
             self._close()
             return
         self._read_next(cycle)
-        self.worker.loop.call_soon(self._process)
+        if self.state is State.HEAD and len(self.scanner):
+            # pipelined bytes: parse them on the next loop pass (no recursion per request)
+            self.worker.loop.call_soon(self._process)
 
     def _read_next(self, cycle: Cycle) -> None:
         """Hand the bytes after ``cycle`` back to the scanner and wait for the next head."""
@@ -911,6 +950,9 @@ class ClientProtocol(asyncio.Protocol):
         limits = self.listener.config.limits
         if len(self.scanner):
             self._arm(limits.header_timeout_s, self._on_head_timeout)
+        elif self.client_eof:
+            self._close()  # half-closed and everything it sent is answered
+            return
         else:
             self._arm(limits.keepalive_timeout_s, self._on_head_timeout)
         self._update_reading()
@@ -918,14 +960,15 @@ class ClientProtocol(asyncio.Protocol):
     def _finish_metrics(self, cycle: Cycle, status: int) -> None:
         rule = cycle.decision.rule.name if cycle.decision is not None else "-"
         self.worker.metrics.count_request(self.listener.name, rule, cycle.verdict, status)
-        if access_logger.isEnabledFor(logging.INFO):
-            self._access_log(cycle, status)
+        access = log.access
+        if access is not None:
+            self._access_log(access, cycle, status)
 
-    def _access_log(self, cycle: Cycle, status: int) -> None:
+    def _access_log(self, access: log.AccessLog, cycle: Cycle, status: int) -> None:
         """One record per request; the query string, cookies and credentials are never logged."""
         decision = cycle.decision
         info = cycle.info
-        access_logger.info(
+        access.write(
             {
                 "request_id": cycle.request_id.decode("ascii", "replace"),
                 "client_ip": self.client_ip,
@@ -1141,7 +1184,20 @@ def run(
     try:
         loop.run_until_complete(_serve(config, sockets, admin_socket, heartbeat_fd, loop))
     finally:
+        _flush_access_log()  # a clean stop (or a failure) loses no access record
         loop.close()
+
+
+def _flush_access_log() -> None:
+    access = log.access
+    if access is not None:
+        access.flush()
+
+
+def _reopen_logs() -> None:
+    """SIGUSR1, forwarded by the master after logrotate: reopen this worker's log files."""
+    count = log.reopen()
+    logger.info("SIGUSR1 received: reopened %d log files in worker %d", count, os.getpid())
 
 
 async def _serve(
@@ -1155,6 +1211,7 @@ async def _serve(
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides; Ctrl-C reaches it
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
     servers: list[asyncio.Server] = []
     for name, sock in sockets.items():
         listener = worker.listeners[name]
@@ -1171,6 +1228,7 @@ async def _serve(
     def heartbeat() -> None:
         with contextlib.suppress(BlockingIOError):  # the master is behind; it sees the next byte
             os.write(heartbeat_fd, b".")
+        _flush_access_log()  # nginx's flush=1s: a record is at most about a second late
         now = time.monotonic()
         for pool in worker.pools.values():
             pool.expire_idle(now)
@@ -1195,6 +1253,7 @@ async def _serve(
         await asyncio.sleep(0.05)
         with contextlib.suppress(BlockingIOError):
             os.write(heartbeat_fd, b".")
+        _flush_access_log()
     for pool in worker.pools.values():
         pool.close_all()
     for listener in worker.listeners.values():

@@ -7,6 +7,7 @@ module's ``preset``. Waits are generous and nothing asserts how fast something h
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -65,6 +66,23 @@ def test_http10_request_without_host_forwarded_then_closed(preset: Stack) -> Non
         assert response.status == 200
         assert conn.wait_closed(), "HTTP/1.0 without keep-alive ends after one response"
     assert preset.upstream.targets() == [b"/api/1/devices"]
+
+
+def test_half_closed_client_gets_its_pipelined_answers_then_close(preset: Stack) -> None:
+    """A FIN after complete requests is not an abort: they are answered in order, then close."""
+    port = preset.proxy.sdk_port
+    host = host_of(port)
+    with HttpConnection(port) as conn:
+        conn.send(
+            build_request("/api/1/devices/slow?delay=0.3", host=host)
+            + build_request("/api/1/sessions/next", host=host)
+        )
+        conn.sock.shutdown(socket.SHUT_WR)
+        first, second = conn.read_response(), conn.read_response()
+        assert (first.status, second.status) == (200, 200)
+        assert first.json()["target"] == "/api/1/devices/slow?delay=0.3"
+        assert second.json()["target"] == "/api/1/sessions/next"
+        assert conn.wait_closed()
 
 
 def test_head_answered_without_body_and_connection_reusable(preset: Stack) -> None:

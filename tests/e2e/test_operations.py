@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -551,3 +552,35 @@ def test_access_log_one_json_line_per_request_without_query_or_cookies(
         200,
     )
     assert (second["path"], second["decision"], second["status"]) == ("/admin", "deny", 403)
+
+
+def test_access_log_reopened_by_every_worker_on_sigusr1(
+    proxy: ProxyFactory, upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    """logrotate moves the file, then SIGUSR1: records after it go to a new file, none lost."""
+    log_path = tmp_path / "access.log"
+    running = proxy(overrides={"workers": 2}, args=["--access-log", str(log_path)])
+    before = [get(running.sdk_port, f"/api/1/devices/before{i}") for i in range(6)]
+    assert all(r.status == 200 for r in before)
+    # records are buffered in each worker and written at least once a second
+    wait_until(
+        "six access records",
+        lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 6,
+        running,
+    )
+    rotated = tmp_path / "access.log.1"
+    log_path.rename(rotated)
+    os.kill(running.pid, signal.SIGUSR1)
+    wait_until("the file reopened", log_path.exists, running)
+    after = [get(running.sdk_port, f"/api/1/devices/after{i}") for i in range(6)]
+    assert all(r.status == 200 for r in after)
+    wait_until(
+        "six new access records",
+        lambda: len(log_path.read_text().splitlines()) >= 6,
+        running,
+    )
+    old = [json.loads(line)["path"] for line in rotated.read_text().splitlines()]
+    new = [json.loads(line)["path"] for line in log_path.read_text().splitlines()]
+    assert sorted(old) == sorted(f"/api/1/devices/before{i}" for i in range(6))
+    assert sorted(new) == sorted(f"/api/1/devices/after{i}" for i in range(6))
+    running.stop()
