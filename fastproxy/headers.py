@@ -300,9 +300,13 @@ def trusted_request_id(value: bytes | None) -> bool:
     )
 
 
-_RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
-# Connection options that name no field
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+#: response fields never relayed as received (folded names): hop-by-hop and framing (the writer
+#: sets its own), and X-Request-Id (fastproxy sets the one it logged)
+RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
+#: lengths of the names in ``RESPONSE_DROPPED``: a name of another length needs no lower-casing
+RESPONSE_DROPPED_LENGTHS = frozenset(len(name) for name in RESPONSE_DROPPED)
+#: Connection options that name no field
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 def response_headers(
@@ -320,14 +324,14 @@ def response_headers(
         folded = name.lower()
         if b"_" in folded:
             folded = folded.replace(b"_", b"-")
-        if folded in _RESPONSE_DROPPED:
+        if folded in RESPONSE_DROPPED:
             if folded == b"connection":
                 named.update(fold(t) for t in _tokens(value))
             elif folded == b"upgrade" and keep_upgrade:
                 out.append((b"Upgrade", b"websocket"))
             continue
         out.append((name, value))
-    named -= _CONNECTION_OPTIONS
+    named -= CONNECTION_OPTIONS
     if named:
         out = [(n, v) for n, v in out if fold(n) not in named]
     if keep_upgrade:

@@ -31,7 +31,13 @@ import enum
 
 import h11
 
-from fastproxy.headers import RequestRefused
+from fastproxy.headers import (
+    CONNECTION_OPTIONS,
+    RESPONSE_DROPPED,
+    RESPONSE_DROPPED_LENGTHS,
+    RequestRefused,
+    fold,
+)
 
 
 class Ev(enum.Enum):
@@ -266,32 +272,49 @@ class ClientLeg:
         ``length`` is the upstream's Content-Length, or None when its body is chunked or
         close-delimited. ``close`` asks for the connection to end after this response.
         """
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _PHRASES.get(status, b""))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+        return self.response_head_lines(
+            status,
+            [b"%s: %s" % (name, value) for name, value in headers],
+            reason,
+            length=length,
+            close=close,
+        )
+
+    def response_head_lines(
+        self,
+        status: int,
+        lines: list[bytes],
+        reason: bytes = b"",
+        *,
+        length: int | None = None,
+        close: bool = False,
+    ) -> bytes:
+        """``response_head`` for field lines ready to send (``ResponseHead.relayed``)."""
+        parts = [b"HTTP/1.1 %d %s" % (status, reason or _PHRASES.get(status, b""))]
+        parts += lines
         if status < 200:
             parts.append(b"\r\n")
-            return b"".join(parts)
+            return b"\r\n".join(parts)
         if self._head_request or status in (204, 304):
             body = _Body.NONE
             if length is not None and status != 204:
-                parts.append(b"Content-Length: %d\r\n" % length)
+                parts.append(b"Content-Length: %d" % length)
         elif length is not None:
             body = _Body.LENGTH
             self._remaining = length
-            parts.append(b"Content-Length: %d\r\n" % length)
+            parts.append(b"Content-Length: %d" % length)
         elif not self._client_close:
             body = _Body.CHUNKED
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked")
         else:
             body = _Body.CLOSE
         self._body = body
         if close or body is _Body.CLOSE:
             self._client_close = True
         if self._client_close:
-            parts.append(b"Connection: close\r\n")
+            parts.append(b"Connection: close")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return b"\r\n".join(parts)
 
     def body(self, data: bytes) -> list[bytes]:
         body = self._body
@@ -389,14 +412,32 @@ class ServerLeg(ClientLeg):
 
 
 class ResponseHead:
-    """A parsed response head (final or informational)."""
+    """A response head (final or informational) as the strict reader checked it.
 
-    __slots__ = ("headers", "reason", "status")
+    ``lines`` are its field lines as received (without CRLF), ``relayed`` those a client may be
+    sent as they are: without hop-by-hop and framing fields, X-Request-Id, and the fields the
+    Connection header names. ``headers`` parses ``lines`` into (name, value) pairs on demand:
+    the relay of an ordinary response never needs them.
+    """
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    __slots__ = ("lines", "reason", "relayed", "status")
+
+    def __init__(
+        self, status: int, reason: bytes, lines: list[bytes], relayed: list[bytes]
+    ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.lines = lines
+        self.relayed = relayed
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """(name, value) pairs: original case, values without surrounding whitespace."""
+        pairs = []
+        for line in self.lines:
+            name, _, value = line.partition(b":")
+            pairs.append((name, value.strip(b" \t")))
+        return pairs
 
 
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -578,31 +619,35 @@ class UpstreamLeg:
         crlf = head.count(b"\r\n")
         if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
             raise UpstreamBroken("bare CR or LF in the response head")
+        if b"\x00" in head:
+            raise UpstreamBroken("NUL in the response head")
         lines = head.split(b"\r\n")
         status_line = lines[0]
+        del lines[0]
         version, _, rest = status_line.partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or code.strip(_DIGITS):
             raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
         status = int(code)
-        if status < 100 or b"\x00" in reason or b"\x7f" in reason:
+        if status < 100 or b"\x7f" in reason:
             raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
-        headers: list[tuple[bytes, bytes]] = []
+        # One pass: check every field line, read the framing fields, and keep the lines that
+        # are relayed as they are. Only names as long as a dropped one are lower-cased.
+        relayed: list[bytes] = []
+        named: set[bytes] = set()
         length: bytes | None = None
         codings: list[bytes] = []
         close = version == b"HTTP/1.0"
-        for line in lines[1:]:
+        for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not name or name.translate(None, _TOKEN_BYTES):
                 raise UpstreamBroken(f"bad header line {line[:100]!r}")
-            value = value.strip(b" \t")
-            if b"\x00" in value:
-                raise UpstreamBroken("NUL in a response header")
-            headers.append((name, value))
-            if len(name) not in (10, 14, 17):  # connection, content-length, transfer-encoding
+            if len(name) not in RESPONSE_DROPPED_LENGTHS:
+                relayed.append(line)
                 continue
             lower = name.lower()
             if lower == b"content-length":
+                value = value.strip(b" \t")
                 if length is not None and length != value:
                     raise UpstreamBroken("conflicting Content-Length")
                 if not value or value.strip(_DIGITS) or len(value) > 18:
@@ -612,16 +657,25 @@ class UpstreamLeg:
                 codings.extend(c.strip().lower() for c in value.split(b","))
             elif lower == b"connection":
                 tokens = [t.strip().lower() for t in value.split(b",")]
+                named.update(tokens)
                 if b"close" in tokens:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
+            if b"_" in lower:
+                lower = lower.replace(b"_", b"-")
+            if lower not in RESPONSE_DROPPED:
+                relayed.append(line)
+        if named:
+            named = {fold(token) for token in named} - CONNECTION_OPTIONS
+            if named:  # rare: fields the upstream marked hop-by-hop by naming them
+                relayed = [line for line in relayed if fold(line.partition(b":")[0]) not in named]
         # RFC 9112 6.3: with Transfer-Encoding, a Content-Length is ignored
         self.declared_length = int(length) if length is not None and not codings else None
         if status < 200:
             if status == 101:
                 self._state = _Up.SWITCHED
-            return ResponseHead(status, reason, headers)
+            return ResponseHead(status, reason, lines, relayed)
         self._close = close
         # RFC 9112 6.3: the order of these rules matters
         if self._method == b"HEAD" or status in (204, 304):
@@ -639,7 +693,7 @@ class UpstreamLeg:
         else:
             self._state = _Up.CLOSE
             self._close = True
-        return ResponseHead(status, reason, headers)
+        return ResponseHead(status, reason, lines, relayed)
 
     def _read_chunk_framing(self) -> bytes | Ev:
         """Consume chunk-size lines, chunk-ending CRLFs and trailers; then resume the body."""

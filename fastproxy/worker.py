@@ -871,10 +871,11 @@ class ClientProtocol(asyncio.Protocol):
         # the first-byte timer is done; the read timer is armed only if the body goes on
         # after this read (_pump_response), so a small response costs no timer at all
         self._cancel_timer()
-        headers = response_headers(event.headers, request_id=cycle.request_id)
-        return cycle.leg.response_head(
+        lines = event.relayed
+        lines.append(b"X-Request-Id: " + cycle.request_id)
+        return cycle.leg.response_head_lines(
             status,
-            headers,
+            lines,
             event.reason,
             length=upstream.leg.declared_length,
             close=self.worker.draining,

@@ -188,6 +188,36 @@ def _body(events: list[ResponseHead | bytes | Ev]) -> bytes:
     return b"".join(e for e in events if isinstance(e, bytes))
 
 
+def test_upstream_leg_relays_end_to_end_lines_as_received() -> None:
+    events = _upstream_events(
+        b"HTTP/1.1 200 OK\r\nDate: x\r\nConnection: keep-alive, X-Private\r\n"
+        b"Content-Length: 2\r\nX-Request-Id: upstream\r\nTransfer_Encoding: gzip\r\n"
+        b"Keep-Alive: timeout=5\r\nx-private: secret\r\nSet-Cookie:a=1  \r\n"
+        b"Proxy-Authorization: x\r\nTrailer: X\r\nUpgrade: h2c\r\nTE: trailers\r\n"
+        b"Proxy-Connection: keep-alive\r\nContent-Type: text/plain\r\n\r\nok"
+    )
+    head = events[0]
+    assert isinstance(head, ResponseHead) and head.status == 200
+    # hop-by-hop (also spelled with "_"), framing, X-Request-Id and the fields Connection
+    # names are dropped; the rest stays byte for byte, in order
+    assert head.relayed == [b"Date: x", b"Set-Cookie:a=1  ", b"Content-Type: text/plain"]
+    assert len(head.lines) == 14 and (b"Set-Cookie", b"a=1") in head.headers
+    assert _body(events) == b"ok"
+
+
+def test_client_leg_writes_relayed_lines_with_its_own_framing() -> None:
+    leg = ServerLeg(1 << 14)
+    leg.feed_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    leg.next_event()
+    assert leg.response_head_lines(200, [b"A: 1", b"B:2"], b"OK", length=2) == (
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nContent-Length: 2\r\n\r\n"
+    )
+    other = ServerLeg(1 << 14)
+    other.feed_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    other.next_event()
+    assert other.response_head_lines(204, []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
 def test_upstream_leg_reads_chunked_body_and_drops_trailers() -> None:
     events = _upstream_events(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
