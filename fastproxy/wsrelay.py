@@ -1,19 +1,29 @@
 """The WebSocket relay after a checked 101: frames both ways, as they arrive.
 
-[pure] Imports wsproto only: no asyncio, sockets, clock or logging. wsproto is used here and
-nowhere else.
+[pure] Imports ``wsframe`` only: no asyncio, sockets, clock, logging or third-party package.
 
 Theory of operation
 -------------------
 ``expected_accept`` and ``upgrade_accepted`` decide whether the upstream's 101 really completes
 the client's handshake (RFC 6455 4.2.2); only then does the worker open a tunnel.
 
-In ``VALIDATE`` mode each leg has one wsproto ``Connection``: the client leg in the SERVER role
-(client frames must be masked and well formed, RFC 6455 5.1) and the upstream leg in the CLIENT
-role. Every frame is forwarded as soon as it is parsed, without waiting for whole messages.
-Close frames are relayed so each side sees the other's close code, and the relay is ``done``
-when both close handshakes completed or one side broke the protocol. In ``TUNNEL`` mode bytes
-are relayed unparsed, for the lowest cost.
+In ``VALIDATE`` mode each direction has a ``wsframe.FrameScanner``: client frames must be masked
+(RFC 6455 5.1), upstream frames must not be, and both must be well formed (5.2-5.5); a client's
+message may not exceed ``max_message_bytes``. The scanners check frame headers only and forward
+the bytes as received, as soon as they arrive: payloads are neither unmasked nor re-framed, and
+Text payloads are not checked for UTF-8 (RFC 6455 8.1 leaves that to the endpoints; see
+``wsframe``). In ``TUNNEL`` mode the worker relays bytes without a relay at all.
+
+Close handshake (RFC 6455 7.1): each side's Close is relayed to the other as it came; once a side
+has sent Close, its later bytes are ignored and frames towards it are dropped, and the relay is
+``done`` when both sides have sent Close. A protocol error from the client is answered with a
+Close 1002 (1009 for a message too big, 1007 for a close reason that is not UTF-8) to the client
+and a Close 1001 to the upstream; one from the upstream with a Close 1011 to the client. Either
+way the relay is ``done``. Pongs answering fastproxy's keep-alive pings are not relayed.
+
+The frames fastproxy itself writes (keep-alive Ping, Close) go only where no frame is half
+forwarded (``FrameScanner.mid_frame``); a Close that cannot be sent is left out, and the
+connection is closed without it.
 
 Methods return a ``RelayOutput``: bytes to write to each side, whether the relay is done, and
 the close code seen from the client (for metrics).
@@ -24,19 +34,37 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from fastproxy.wsframe import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    OP_PING,
+    FrameError,
+    FrameScanner,
+    close_frame,
+    control_frame,
+)
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_NORMAL",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TOO_BIG",
+    "KEEPALIVE_PING",
+    "RelayOutput",
+    "WebSocketRelay",
+    "expected_accept",
+    "upgrade_accepted",
+]
 
 # RFC 6455 1.3: the GUID appended to Sec-WebSocket-Key
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Payload of the keep-alive pings fastproxy sends to idle clients; their pongs are not relayed.
 KEEPALIVE_PING = b"fastproxy-keepalive"
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_TOO_BIG = 1009
-_UNSENDABLE = frozenset({1005, 1006, 1015})  # RFC 6455 7.4.1: never put on the wire
+_KEEPALIVE_FRAME = control_frame(OP_PING, KEEPALIVE_PING, masked=False)
 
 
 def expected_accept(key: bytes) -> bytes:
@@ -62,6 +90,7 @@ class RelayOutput:
     __slots__ = ("client_close_code", "done", "to_client", "to_upstream")
 
     def __init__(self) -> None:
+        #: bytes for ``writelines`` towards each side
         self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
         #: the relay is finished: flush the bytes above, then close both connections
@@ -70,138 +99,117 @@ class RelayOutput:
         self.client_close_code: int | None = None
 
 
-def _close_event(code: int, reason: str | None) -> CloseConnection:
-    if code in _UNSENDABLE:
-        return CloseConnection(code=CLOSE_NORMAL if code == 1005 else CLOSE_GOING_AWAY)
-    return CloseConnection(code=code, reason=reason)
+# The close handshake, as bits of ``WebSocketRelay._state`` (0 while open). Plain ints rather
+# than an enum.Flag: the state is tested on every read.
+_CLIENT_CLOSED = 1  # the client sent Close
+_UPSTREAM_CLOSED = 2  # the upstream sent Close
+_CLIENT_TOLD = 4  # a Close was written to the client
+_UPSTREAM_TOLD = 8  # a Close was written to the upstream
+_DONE = 16  # finished (both closed, a protocol error, or going away)
 
 
 class WebSocketRelay:
     """Validate and relay frames between a client and an upstream (``VALIDATE`` mode)."""
 
-    __slots__ = ("_client", "_message_bytes", "_upstream", "max_message_bytes")
+    __slots__ = ("_client", "_state", "_upstream")
 
     def __init__(self, max_message_bytes: int) -> None:
-        self._client = Connection(ConnectionType.SERVER)
-        self._upstream = Connection(ConnectionType.CLIENT)
-        self.max_message_bytes = max_message_bytes
-        self._message_bytes = 0
+        # frames from the client: masked, size limit, pongs to our keep-alive pings dropped
+        self._client = FrameScanner(
+            masked=True, max_message_bytes=max_message_bytes, drop_pong=KEEPALIVE_PING
+        )
+        # frames from the upstream
+        self._upstream = FrameScanner(masked=False)
+        self._state = 0
 
     def from_client(self, data: bytes) -> RelayOutput:
+        """Bytes read from the client."""
         out = RelayOutput()
-        client, upstream = self._client, self._upstream
-        client.receive_data(data)
-        for event in client.events():
-            if isinstance(event, Message):
-                payload = event.data
-                size = len(payload.encode()) if isinstance(payload, str) else len(payload)
-                self._message_bytes += size
-                if self._message_bytes > self.max_message_bytes:
-                    self._fail_client(out, CLOSE_TOO_BIG, "message too big")
-                    return out
-                if event.message_finished:
-                    self._message_bytes = 0
-                if upstream.state is ConnectionState.OPEN:
-                    relayed: TextMessage | BytesMessage = (
-                        TextMessage(data=payload, message_finished=event.message_finished)
-                        if isinstance(event, TextMessage)
-                        else BytesMessage(
-                            data=bytes(payload), message_finished=event.message_finished
-                        )
-                    )
-                    out.to_upstream.append(upstream.send(relayed))
-            elif isinstance(event, Ping):
-                if upstream.state is ConnectionState.OPEN:
-                    out.to_upstream.append(upstream.send(Ping(payload=bytes(event.payload))))
-            elif isinstance(event, Pong):
-                if event.payload != KEEPALIVE_PING and upstream.state is ConnectionState.OPEN:
-                    out.to_upstream.append(upstream.send(Pong(payload=bytes(event.payload))))
-            elif isinstance(event, CloseConnection):
-                out.client_close_code = event.code
-                if client.state is ConnectionState.OPEN:
-                    # wsproto could not parse the client's frames: a protocol error
-                    self._fail_client(out, event.code, event.reason)
-                    return out
-                self._relay_close(event, client, upstream, out.to_upstream, out)
+        state = self._state
+        if state & (_CLIENT_CLOSED | _DONE):
+            # nothing may follow the client's Close (RFC 6455 5.5.1)
+            out.done = state >= _DONE
+            return out
+        try:
+            close = self._client.feed(
+                data, not state & (_UPSTREAM_CLOSED | _UPSTREAM_TOLD), out.to_upstream
+            )
+        except FrameError as error:
+            self._fail_client(out, error.code, error.reason)
+            return out
+        if close is not None:
+            code, frame = close
+            out.client_close_code = code
+            if not state & _UPSTREAM_TOLD:
+                out.to_upstream.append(frame)
+            state |= _CLIENT_CLOSED | _UPSTREAM_TOLD
+            if state & _UPSTREAM_CLOSED:
+                # the client's Close answers the upstream's: the handshake is complete
+                state |= _DONE
+                out.done = True
+            self._state = state
         return out
 
     def from_upstream(self, data: bytes) -> RelayOutput:
+        """Bytes read from the upstream."""
         out = RelayOutput()
-        client, upstream = self._client, self._upstream
-        upstream.receive_data(data)
-        for event in upstream.events():
-            if isinstance(event, Message):
-                if client.state is ConnectionState.OPEN:
-                    relayed: TextMessage | BytesMessage = (
-                        TextMessage(data=event.data, message_finished=event.message_finished)
-                        if isinstance(event, TextMessage)
-                        else BytesMessage(
-                            data=bytes(event.data), message_finished=event.message_finished
-                        )
-                    )
-                    out.to_client.append(client.send(relayed))
-            elif isinstance(event, Ping):
-                if client.state is ConnectionState.OPEN:
-                    out.to_client.append(client.send(Ping(payload=bytes(event.payload))))
-            elif isinstance(event, Pong):
-                if client.state is ConnectionState.OPEN:
-                    out.to_client.append(client.send(Pong(payload=bytes(event.payload))))
-            elif isinstance(event, CloseConnection):
-                if upstream.state is ConnectionState.OPEN:
-                    # the upstream broke the protocol: tell the client the server failed
-                    if client.state is ConnectionState.OPEN:
-                        out.to_client.append(client.send(CloseConnection(code=1011)))
-                    out.done = True
-                    return out
-                self._relay_close(event, upstream, client, out.to_client, out)
+        state = self._state
+        if state & (_UPSTREAM_CLOSED | _DONE):
+            out.done = state >= _DONE
+            return out
+        try:
+            close = self._upstream.feed(
+                data, not state & (_CLIENT_CLOSED | _CLIENT_TOLD), out.to_client
+            )
+        except FrameError:
+            # the upstream broke the protocol: tell the client the server failed
+            if not state & _CLIENT_TOLD:
+                out.to_client.append(close_frame(CLOSE_INTERNAL_ERROR, masked=False))
+            self._state = state | _CLIENT_TOLD | _DONE
+            out.done = True
+            return out
+        if close is not None:
+            _code, frame = close
+            if not state & _CLIENT_TOLD:
+                out.to_client.append(frame)
+            state |= _UPSTREAM_CLOSED | _CLIENT_TOLD
+            if state & _CLIENT_CLOSED:
+                state |= _DONE
+                out.done = True
+            self._state = state
         return out
 
-    @staticmethod
-    def _relay_close(
-        event: CloseConnection,
-        source: Connection,
-        other: Connection,
-        to_other: list[bytes],
-        out: RelayOutput,
-    ) -> None:
-        if other.state is ConnectionState.OPEN:
-            # ``source`` started the close: pass it on and wait for ``other``'s reply
-            to_other.append(other.send(_close_event(event.code, event.reason)))
-        elif other.state is ConnectionState.REMOTE_CLOSING:
-            # ``other`` closed first and this is ``source``'s reply: complete ``other``'s close
-            to_other.append(other.send(_close_event(event.code, event.reason)))
-            out.done = True
-        if source.state is ConnectionState.CLOSED and other.state is ConnectionState.CLOSED:
-            out.done = True
-
-    def _fail_client(self, out: RelayOutput, code: int, reason: str | None) -> None:
+    def _fail_client(self, out: RelayOutput, code: int, reason: bytes) -> None:
+        # RFC 6455 7.1.7: _Fail the WebSocket Connection_, telling both sides why
         out.client_close_code = code
-        if self._client.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            out.to_client.append(self._client.send(CloseConnection(code=code, reason=reason)))
-        if self._upstream.state is ConnectionState.OPEN:
-            out.to_upstream.append(self._upstream.send(CloseConnection(code=CLOSE_GOING_AWAY)))
+        state = self._state
+        if not state & _CLIENT_TOLD and not self._upstream.mid_frame:
+            out.to_client.append(close_frame(code, reason, masked=False))
+        if not state & _UPSTREAM_TOLD:
+            # the client's frames before the bad one all ended: no frame is open upstream
+            out.to_upstream.append(close_frame(CLOSE_GOING_AWAY, masked=True))
+        self._state = state | _CLIENT_TOLD | _UPSTREAM_TOLD | _DONE
         out.done = True
 
     @property
     def closing(self) -> bool:
-        """A close handshake is under way: one side sent Close and the other has not answered."""
-        return (
-            self._client.state is not ConnectionState.OPEN
-            or self._upstream.state is not ConnectionState.OPEN
-        )
+        """A close handshake is under way (or over): one side sent or was sent a Close."""
+        return self._state != 0
 
     def ping_client(self) -> bytes:
-        """A keep-alive ping for an idle client, or ``b""`` once closing."""
-        if self._client.state is ConnectionState.OPEN:
-            return self._client.send(Ping(payload=KEEPALIVE_PING))
-        return b""
+        """A keep-alive ping for an idle client, or ``b""`` once closing or mid-frame."""
+        if self._state & (_CLIENT_CLOSED | _CLIENT_TOLD | _DONE) or self._upstream.mid_frame:
+            return b""
+        return _KEEPALIVE_FRAME
 
     def going_away(self) -> RelayOutput:
         """Close both sides with 1001 (shutdown, idle timeout)."""
         out = RelayOutput()
-        if self._client.state is ConnectionState.OPEN:
-            out.to_client.append(self._client.send(CloseConnection(code=CLOSE_GOING_AWAY)))
-        if self._upstream.state is ConnectionState.OPEN:
-            out.to_upstream.append(self._upstream.send(CloseConnection(code=CLOSE_GOING_AWAY)))
+        state = self._state
+        if not state & (_CLIENT_TOLD | _DONE) and not self._upstream.mid_frame:
+            out.to_client.append(close_frame(CLOSE_GOING_AWAY, masked=False))
+        if not state & (_UPSTREAM_TOLD | _DONE) and not self._client.mid_frame:
+            out.to_upstream.append(close_frame(CLOSE_GOING_AWAY, masked=True))
+        self._state = state | _CLIENT_TOLD | _UPSTREAM_TOLD | _DONE
         out.done = True
         return out

@@ -17,16 +17,20 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "config": ({"errors", "policy"}, set()),
     "http1": ({"headers"}, {"h11"}),
     "http1_httptools": ({"http1", "headers"}, {"httptools"}),
-    "wsrelay": (set(), {"wsproto"}),
+    "wsframe": (set(), set()),
+    "wsrelay": ({"wsframe"}, set()),
     "metrics": ({"fastproxy"}, {"prometheus_client"}),
     "log": ({"errors"}, {"orjson"}),
     "admin": ({"metrics", "fastproxy"}, set()),
     "upstream": ({"errors", "config", "http1"}, set()),
+    "deadlines": (set(), set()),
     "worker": (
         {
             "admin",
             "config",
+            "deadlines",
             "errors",
+            "log",
             "headers",
             "http1",
             "http1_httptools",
@@ -43,7 +47,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
-PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsrelay"}
+PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsframe", "wsrelay"}
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
 
