@@ -240,6 +240,7 @@ class ClientProtocol(asyncio.Protocol):
         "tunnel_upstream",
         "upstream_write_blocked",
         "worker",
+        "ws_active",
         "ws_closing",
     )
 
@@ -263,7 +264,10 @@ class ClientProtocol(asyncio.Protocol):
         self.trusted = False
         #: the client half-closed after a complete request: answer what it sent, then close
         self.client_eof = False
+        #: when the tunnel was last seen active, as of the last keep-alive tick
         self.last_ws_activity = 0.0
+        #: a frame went through since the last keep-alive tick (cheaper than a clock read each)
+        self.ws_active = False
         self.relay: WebSocketRelay | None = None
         self.tunnel_upstream: UpstreamProtocol | None = None
         self.ws_closing = False
@@ -1084,7 +1088,7 @@ class ClientProtocol(asyncio.Protocol):
         conn = self.tunnel_upstream
         if conn is None:
             return
-        self.last_ws_activity = time.monotonic()
+        self.ws_active = True
         relay = self.relay
         if relay is None:
             conn.write(data)
@@ -1094,7 +1098,7 @@ class ClientProtocol(asyncio.Protocol):
     def _tunnel_from_upstream(self, data: bytes) -> None:
         if not data:
             return
-        self.last_ws_activity = time.monotonic()
+        self.ws_active = True
         relay = self.relay
         if relay is None:
             if self.transport is not None:
@@ -1104,10 +1108,18 @@ class ClientProtocol(asyncio.Protocol):
 
     def _apply(self, out: RelayOutput) -> None:
         conn = self.tunnel_upstream
-        if out.to_upstream and conn is not None:
-            conn.writelines(out.to_upstream)
-        if out.to_client and self.transport is not None:
-            self.transport.writelines(out.to_client)
+        to_upstream = out.to_upstream
+        if to_upstream and conn is not None:
+            if len(to_upstream) == 1:
+                conn.write(to_upstream[0])
+            else:
+                conn.writelines(to_upstream)
+        to_client = out.to_client
+        if to_client and self.transport is not None:
+            if len(to_client) == 1:
+                self.transport.write(to_client[0])
+            else:
+                self.transport.writelines(to_client)
         if out.client_close_code is not None:
             self.worker.metrics.websocket_closes.labels(
                 self.listener.name, str(out.client_close_code)
@@ -1115,7 +1127,7 @@ class ClientProtocol(asyncio.Protocol):
         if out.done:
             self._end_tunnel()
             self._close()
-        elif self.relay is not None and self.relay.closing and not self.ws_closing:
+        elif not self.ws_closing and self.relay is not None and self.relay.closing:
             # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
             self.ws_closing = True
             self._arm(WS_CLOSE_TIMEOUT_S, self._on_ws_close_timeout)
@@ -1130,7 +1142,11 @@ class ClientProtocol(asyncio.Protocol):
         if self.state is not State.TUNNEL:
             return
         limits = self.listener.config.limits
-        idle = time.monotonic() - self.last_ws_activity
+        now = time.monotonic()
+        if self.ws_active:
+            self.ws_active = False
+            self.last_ws_activity = now
+        idle = now - self.last_ws_activity
         if idle >= limits.ws_idle_timeout_s:
             if self.relay is not None:
                 self._apply(self.relay.going_away())
