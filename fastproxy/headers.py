@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus Proxy-Connection (a de facto one) and
 # Proxy-Authorization (credentials meant for this hop only).
@@ -99,6 +99,8 @@ class RequestInfo:
     request_id: bytes | None = None
     #: number of ``Sec-WebSocket-Key`` / ``-Version`` headers (each must be exactly one)
     ws_fields: int = 0
+    #: ``fold`` of each header name, in order (``upstream_headers`` reuses them)
+    folded: list[bytes] = field(default_factory=list)
 
     @property
     def has_body(self) -> bool:
@@ -114,6 +116,22 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
+#: the (folded) names ``inspect_request`` looks at; any other field is only folded
+_INSPECTED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"proxy-connection",
+        b"upgrade",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"x-request-id",
+    }
+)
+
+
 def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
     """One pass over raw request headers; raise ``RequestRefused`` on ambiguity."""
     info = RequestInfo()
@@ -122,10 +140,16 @@ def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
     codings: list[bytes] = []
     connection: set[bytes] = set()
     upgrade: list[bytes] = []
+    folded_names = info.folded
     for name, value in headers:
         if b"\x00" in value:
             raise RequestRefused(400, "bad_request", "NUL in a header value")
-        folded = fold(name)
+        folded = name.lower()
+        if b"_" in folded:
+            folded = folded.replace(b"_", b"-")
+        folded_names.append(folded)
+        if folded not in _INSPECTED:
+            continue
         if folded == b"host":
             hosts += 1
             info.host = value
@@ -246,8 +270,10 @@ def upstream_headers(
     out: list[tuple[bytes, bytes]] = [(b"Host", host)]
     prior_xff: list[bytes] = []
     prior_fwd: list[bytes] = []
-    for name, value in headers:
-        folded = fold(name)
+    folded_names = info.folded
+    if len(folded_names) != len(headers):  # an info made from other headers (tests)
+        folded_names = [fold(name) for name, _ in headers]
+    for (name, value), folded in zip(headers, folded_names, strict=True):
         if folded in HOP_BY_HOP or folded == b"host" or folded in named:
             continue
         if folded in CLIENT_ADDRESS_HEADERS:

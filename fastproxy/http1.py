@@ -250,10 +250,13 @@ class ClientLeg:
     def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._head_request = method == b"HEAD"
         # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
-        self._client_close = version == b"1.0" or any(
-            b"close" in value.lower() and len(name) == 10 and name.lower() == b"connection"
-            for name, value in headers
-        )
+        close = version == b"1.0"
+        if not close:
+            for name, value in headers:
+                if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
+                    close = True
+                    break
+        self._client_close = close
 
     # -- response side
 

@@ -105,6 +105,8 @@ class HttptoolsLeg(ClientLeg):
         chunked = False
         length = 0
         for name, value in fields.headers:
+            if len(name) != 17 and len(name) != 14:
+                continue
             lower = name.lower()
             if lower == b"transfer-encoding":
                 chunked = True

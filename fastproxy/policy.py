@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import unicodedata
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Action(enum.Enum):
@@ -106,8 +107,7 @@ class Rule:
     allow: frozenset[Refusal] = field(default_factory=frozenset)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What to do with one request-target.
 
     When ``refusal`` is set the target is not a clean path: answer 400 with ``refusal.value`` as
@@ -115,6 +115,9 @@ class Decision:
     matched rule (the fallback when nothing matched) and ``target`` is the canonical path plus the
     untouched query (``?`` and all) to send upstream: for ``REWRITE`` the rule's ``rewrite_to`` plus
     the query.
+
+    A named tuple rather than a frozen dataclass: one is made per request, and a tuple is built
+    in C where a frozen dataclass sets each field through ``object.__setattr__``.
     """
 
     rule: Rule
@@ -492,7 +495,7 @@ class PrefixTable:
         )
         if question:
             forwarded = forwarded + question + query
-        return Decision(rule=rule, target=forwarded, path=canonical, authority=authority)
+        return Decision(rule, forwarded, canonical, authority)
 
     def _canonicalize_opted_out(
         self, path: bytes, refusal: Refusal

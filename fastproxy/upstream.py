@@ -155,8 +155,10 @@ class UpstreamPool:
 
     def pick(self) -> Server:
         """Choose a server by the balancing method, skipping servers marked down."""
-        now = time.monotonic()
         servers = self.servers
+        if len(servers) == 1:
+            return servers[0]  # down or not, it is the only one
+        now = time.monotonic()
         up = [s for s in servers if s.down_until <= now] or servers
         if self.config.balance is Balance.LEAST_CONN:
             return min(up, key=lambda s: s.active)
