@@ -182,9 +182,20 @@ class RequestHead:
         self.headers = headers
 
 
-# h11 states in which the client's request is complete and the connection may go on
-# (MIGHT_SWITCH_PROTOCOL is not re-exported by h11, hence the private module)
-_REQUEST_ENDED = (h11.DONE, h11._state.MIGHT_SWITCH_PROTOCOL)
+class _Req(enum.Enum):
+    """States of the client leg's request body reader."""
+
+    HEAD = "head"  #: the head is parsed but not yet returned
+    LENGTH = "length"  #: a Content-Length body
+    CHUNK_SIZE = "chunk_size"  #: a chunk-size line
+    CHUNK_DATA = "chunk_data"  #: chunk data
+    CHUNK_END = "chunk_end"  #: the CRLF after chunk data
+    LAST = "last"  #: the empty line after the last chunk (trailer fields are refused)
+    DONE = "done"  #: the request is complete
+
+
+#: a chunk-size line longer than this is refused (as h11 bounds it)
+MAX_CHUNK_LINE_BYTES = 1024
 
 
 class _Body(enum.Enum):
@@ -214,7 +225,17 @@ class ClientLeg:
     them for HTTP/1.1 clients otherwise.
     """
 
-    __slots__ = ("_body", "_client_close", "_head_request", "_remaining", "_sent_end")
+    __slots__ = (
+        "_body",
+        "_body_left",
+        "_buf",
+        "_client_close",
+        "_head",
+        "_head_request",
+        "_remaining",
+        "_req",
+        "_sent_end",
+    )
 
     def __init__(self) -> None:
         self._body: _Body | None = None  # None until a final response head is written
@@ -222,30 +243,137 @@ class ClientLeg:
         self._sent_end = False
         self._head_request = False
         self._client_close = True
+        # the request side: the parsed head until returned, then the body reader's state
+        self._head: RequestHead | None = None
+        self._req = _Req.HEAD
+        self._body_left = 0
+        self._buf = b""
 
-    # -- request side, provided by each parser
+    # -- request side: the head is parsed by each parser, the body read here
 
     def feed_head(self, head: bytes) -> None:
-        """The bytes of one whole request head, as ``HeadScanner`` checked them."""
+        """The bytes of one whole request head, as ``HeadScanner`` checked them.
+
+        Parses it (raising ``RequestRefused``) and calls ``_begin_body``.
+        """
         raise NotImplementedError
+
+    def _begin_body(self, head: RequestHead) -> None:
+        """Keep the parsed head for ``next_event`` and choose how its body is read.
+
+        Framing by the rules of ``headers.inspect_request``, which refuses every ambiguous
+        combination before any body byte is forwarded: ``chunked``, or Content-Length, or none.
+        """
+        self._head = head
+        self._saw_head(head.method, head.http_version, head.headers)
+        chunked = False
+        length = 0
+        for name, value in head.headers:
+            if len(name) != 17 and len(name) != 14:
+                continue
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked = True
+            elif lower == b"content-length" and value.isdigit() and len(value) <= 18:
+                length = int(value)
+        if chunked:
+            self._req = _Req.CHUNK_SIZE
+        else:
+            self._body_left = length
+            self._req = _Req.LENGTH
 
     def feed(self, data: bytes) -> None:
         """Bytes after the head: body, or the following requests."""
-        raise NotImplementedError
+        self._buf = self._buf + data if self._buf else data
 
     def next_event(self) -> RequestHead | bytes | Ev:
-        """The next request event; raise ``RequestRefused`` on a protocol violation."""
-        raise NotImplementedError
+        """The next request event; raise ``RequestRefused`` on a protocol violation.
+
+        The body reader is strict and the same for every parser: Content-Length, or ``chunked``
+        with CRLF line ends only, bounded chunk-size lines and no trailer fields. Body bytes are
+        slices of what was fed, never copied into a buffer of their own.
+        """
+        if self._head is not None:
+            head, self._head = self._head, None
+            return head
+        state = self._req
+        if state is _Req.LENGTH:
+            remaining = self._body_left
+            if not remaining:
+                self._req = _Req.DONE
+                return Ev.END
+            buf = self._buf
+            if not buf:
+                return Ev.NEED_DATA
+            if len(buf) <= remaining:
+                self._body_left = remaining - len(buf)
+                self._buf = b""
+                return buf
+            self._buf = buf[remaining:]
+            self._body_left = 0
+            return buf[:remaining]
+        if state is _Req.CHUNK_DATA:
+            buf = self._buf
+            if not buf:
+                return Ev.NEED_DATA
+            remaining = self._body_left
+            if len(buf) < remaining:
+                self._body_left = remaining - len(buf)
+                self._buf = b""
+                return buf
+            self._buf = buf[remaining:]
+            self._req = _Req.CHUNK_END
+            return buf[:remaining]
+        if state is _Req.DONE:
+            return Ev.PAUSED
+        if state is _Req.HEAD:
+            return Ev.NEED_DATA  # no head fed yet
+        return self._read_chunk_lines()
+
+    def _read_chunk_lines(self) -> bytes | Ev:
+        while True:
+            buf = self._buf
+            line_end = buf.find(b"\r\n")
+            if line_end < 0:
+                if len(buf) > MAX_CHUNK_LINE_BYTES or b"\n" in buf:
+                    raise RequestRefused(400, "bad_request", "bad chunk framing line")
+                return Ev.NEED_DATA
+            line = buf[:line_end]
+            self._buf = buf[line_end + 2 :]
+            if line_end > MAX_CHUNK_LINE_BYTES or b"\n" in line or b"\r" in line:
+                raise RequestRefused(400, "bad_request", "bad chunk framing line")
+            state = self._req
+            if state is _Req.CHUNK_END:
+                if line:
+                    raise RequestRefused(400, "bad_request", "chunk data longer than its size")
+                self._req = _Req.CHUNK_SIZE
+                continue
+            if state is _Req.LAST:
+                if line:
+                    raise RequestRefused(400, "bad_request", "trailer fields in a request")
+                self._req = _Req.DONE
+                return Ev.END
+            try:
+                size = parse_chunk_size(line)
+            except ValueError as exc:
+                raise RequestRefused(400, "bad_request", str(exc)) from exc
+            if size:
+                self._body_left = size
+                self._req = _Req.CHUNK_DATA
+                event = self.next_event()
+                assert not isinstance(event, RequestHead)
+                return event
+            self._req = _Req.LAST
 
     @property
     def request_ended(self) -> bool:
         """The request (head and body) has been read completely."""
-        raise NotImplementedError
+        return self._req is _Req.DONE
 
     @property
     def trailing(self) -> bytes:
         """Bytes received after the request (pipelined requests, or frames after an upgrade)."""
-        raise NotImplementedError
+        return self._buf
 
     def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._head_request = method == b"HEAD"
@@ -351,23 +479,23 @@ class ClientLeg:
 
 
 class ServerLeg(ClientLeg):
-    """The client leg on h11, the reference parser (pure Python, strict)."""
+    """The client leg on h11, the reference parser (pure Python, strict) for the head.
 
-    __slots__ = ("_conn",)
+    h11 parses the request line and the fields and applies its own framing checks; the body is
+    read by ``ClientLeg``'s reader, so h11 never copies body bytes through its buffers.
+    """
+
+    __slots__ = ("_max_head_bytes",)
 
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__()
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._max_head_bytes = max_head_bytes
 
     def feed_head(self, head: bytes) -> None:
-        self._conn.receive_data(head)
-
-    def feed(self, data: bytes) -> None:
-        self._conn.receive_data(data)
-
-    def next_event(self) -> RequestHead | bytes | Ev:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+        conn.receive_data(head)
         try:
-            event = self._conn.next_event()
+            event = conn.next_event()
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
             if status == 431:
@@ -375,39 +503,14 @@ class ServerLeg(ClientLeg):
             if "Host" in str(exc):  # h11: "Found multiple Host: headers", "Missing ... Host"
                 raise RequestRefused(400, "bad_host", str(exc)) from exc
             raise RequestRefused(400, "bad_request", str(exc)) from exc
-        if type(event) is h11.Data:
-            return bytes(event.data)
-        if type(event) is h11.Request:
-            version = event.http_version
-            if version not in (b"1.1", b"1.0"):
-                raise RequestRefused(400, "bad_request", "HTTP version not supported")
-            headers = event.headers.raw_items()
-            self._saw_head(event.method, version, headers)
-            return RequestHead(event.method, event.target, version, headers)
-        if type(event) is h11.EndOfMessage:
-            if event.headers:
-                # h11 reads trailer fields leniently (bare LF, obs-fold) and nothing may change
-                # framing or routing after the head was checked: a request with trailers is
-                # refused rather than forwarded without them.
-                raise RequestRefused(400, "bad_request", "trailer fields in a request")
-            return Ev.END
-        if event is h11.NEED_DATA:
-            return Ev.NEED_DATA
-        if event is h11.PAUSED:
-            return Ev.PAUSED
-        if type(event) is h11.ConnectionClosed:
-            raise RequestRefused(400, "bad_request", "connection closed mid-request")
-        raise RequestRefused(400, "bad_request", f"unexpected event {type(event).__name__}")
-
-    @property
-    def request_ended(self) -> bool:
-        # MIGHT_SWITCH_PROTOCOL: an upgrade the upstream refused; the connection stays HTTP
-        return self._conn.their_state in _REQUEST_ENDED
-
-    @property
-    def trailing(self) -> bytes:
-        data, _closed = self._conn.trailing_data
-        return data
+        if type(event) is not h11.Request:
+            raise RequestRefused(400, "bad_request", "incomplete request head")
+        version = event.http_version
+        if version not in (b"1.1", b"1.0"):
+            raise RequestRefused(400, "bad_request", "HTTP version not supported")
+        self._begin_body(
+            RequestHead(event.method, event.target, version, event.headers.raw_items())
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,10 +208,10 @@ class ClientModel:
                 f"accepted a head of {len(head_bytes)} bytes"
             )
             leg = ServerLeg(limits.max_head_bytes)
-            leg.feed(head_bytes)
-            if rest:
-                leg.feed(rest)
             try:
+                leg.feed_head(head_bytes)
+                if rest:
+                    leg.feed(rest)
                 event = leg.next_event()
             except RequestRefused as refused:
                 self._reply_raw(refused.status, refused.code)

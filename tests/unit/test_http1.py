@@ -71,9 +71,17 @@ def _drain(leg: ClientLeg) -> list[RequestHead | bytes | Ev]:
             return events
 
 
+def _fed(leg: ClientLeg, data: bytes) -> None:
+    """Feed ``data`` as the worker does: its head (up to the blank line), then the rest."""
+    end = data.index(b"\r\n\r\n") + 4
+    leg.feed_head(data[:end])
+    if data[end:]:
+        leg.feed(data[end:])
+
+
 def _server(data: bytes) -> tuple[ServerLeg, list[RequestHead | bytes | Ev]]:
     leg = ServerLeg(16384)
-    leg.feed(data)
+    _fed(leg, data)
     return leg, _drain(leg)
 
 
@@ -305,7 +313,7 @@ def test_upstream_leg_refuses_what_could_desynchronise(response: bytes) -> None:
 
 def _server_leg(request: bytes) -> ServerLeg:
     leg = ServerLeg(16384)
-    leg.feed(request)
+    _fed(leg, request)
     while leg.next_event() not in (Ev.NEED_DATA, Ev.PAUSED):
         pass
     return leg
