@@ -65,13 +65,15 @@ class HeadScanner:
     """Find and check the next request head in the client's byte stream.
 
     The scan resumes where it stopped, so a client dripping one byte at a time costs O(n),
-    not O(n^2) (the trick of h11's ``_receivebuffer``).
+    not O(n^2) (the trick of h11's ``_receivebuffer``). The buffer is the received ``bytes``
+    object itself until a second piece arrives (a head read whole is never copied) and only
+    then a ``bytearray``; an idle connection holds the shared empty ``b""``.
     """
 
     __slots__ = ("_buf", "_scanned", "max_head_bytes", "max_headers", "max_uri_bytes")
 
     def __init__(self, max_head_bytes: int, max_headers: int, max_uri_bytes: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._scanned = 0
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
@@ -81,7 +83,13 @@ class HeadScanner:
         return len(self._buf)
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        buf = self._buf
+        if not buf:
+            self._buf = data
+        elif type(buf) is bytes:
+            self._buf = bytearray(buf) + data
+        else:
+            buf += data
 
     def maybe_take_head(self) -> tuple[bytes, bytes] | None:
         """Return ``(head, rest)`` once a whole head is buffered, else None.
@@ -92,7 +100,7 @@ class HeadScanner:
         buf = self._buf
         # RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request-line.
         while buf[:2] == b"\r\n":
-            del buf[:2]
+            buf = self._buf = buf[2:]
             self._scanned = max(0, self._scanned - 2)
         end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
@@ -102,9 +110,13 @@ class HeadScanner:
         end += 4
         if end > self.max_head_bytes:
             raise self._too_large()
-        head = bytes(buf[:end])
-        rest = bytes(buf[end:])
-        self._buf = bytearray()
+        if type(buf) is bytes:
+            head = buf[:end]  # the very object received when it is exactly one head
+            rest = buf[end:]
+        else:
+            head = bytes(buf[:end])
+            rest = bytes(buf[end:])
+        self._buf = b""
         self._scanned = 0
         self._check_head(head)
         return head, rest

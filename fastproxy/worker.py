@@ -293,9 +293,7 @@ class ClientProtocol(asyncio.Protocol):
             self.state = State.CLOSED
             transport.abort()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (uvloop sets TCP_NODELAY on every TCP transport itself)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         self._arm(limits.header_timeout_s, self._on_head_timeout)
 

@@ -69,8 +69,8 @@ def close_code_allowed(code: int) -> bool:
 
     1000-1003 and 1007-1011 are RFC 6455's; 1012-1014 (service restart, try again later, bad
     gateway) are registered with IANA and sent by real servers when they restart (wsproto
-    accepts 1012 and 1013 as well). 3000-4999 belong to libraries and applications. 1004 is reserved; 1005, 1006 and 1015 must never be sent; the rest of 0-2999
-    is unassigned.
+    accepts 1012 and 1013 as well). 3000-4999 belong to libraries and applications. 1004 is
+    reserved; 1005, 1006 and 1015 must never be sent; the rest of 0-2999 is unassigned.
     """
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
