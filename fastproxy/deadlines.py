@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: timer granularity: timeouts fire at most this much late
 RESOLUTION_S = 0.025
+#: stands for a bucket whose owners all left before its tick: its set is freed at once (a busy
+#: tick's set can be large) while the tick stays in the heap
+_EMPTIED: frozenset[Owner] = frozenset()
 
 
 class Owner(Protocol):
@@ -48,7 +51,7 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._buckets: dict[int, set[Owner]] = {}
+        self._buckets: dict[int, set[Owner] | frozenset[Owner]] = {}
         self._heap: list[int] = []
         #: the tick the loop timer is set for (0: none)
         self._scheduled = 0
@@ -66,15 +69,18 @@ class Deadlines:
             return
         buckets = self._buckets
         if old:
-            bucket = buckets.get(old)
-            if bucket is not None:
-                bucket.discard(owner)
+            self._leave(old, owner)
         bucket = buckets.get(tick)
         if bucket is None:
-            bucket = buckets[tick] = set()
+            new: set[Owner] = set()
+            buckets[tick] = bucket = new
             heapq.heappush(self._heap, tick)
             if not self._scheduled or tick < self._scheduled:
                 self._schedule(tick)
+        elif bucket is _EMPTIED:
+            new = set()
+            buckets[tick] = bucket = new  # the tick is in the heap already
+        assert isinstance(bucket, set)
         bucket.add(owner)
         owner.deadline_tick = tick
 
@@ -82,9 +88,15 @@ class Deadlines:
         old = owner.deadline_tick
         if old:
             owner.deadline_tick = 0
-            bucket = self._buckets.get(old)
-            if bucket is not None:
-                bucket.discard(owner)
+            self._leave(old, owner)
+
+    def _leave(self, tick: int, owner: Owner) -> None:
+        bucket = self._buckets.get(tick)
+        if bucket:
+            assert isinstance(bucket, set)
+            bucket.discard(owner)
+            if not bucket:
+                self._buckets[tick] = _EMPTIED
 
     def close(self) -> None:
         """Forget every deadline (the worker is stopping)."""
@@ -111,7 +123,7 @@ class Deadlines:
         due = math.floor(self._loop.time() / RESOLUTION_S + 1e-6)
         heap = self._heap
         buckets = self._buckets
-        ready: list[tuple[int, set[Owner]]] = []
+        ready: list[tuple[int, set[Owner] | frozenset[Owner]]] = []
         while heap and heap[0] <= due:
             tick = heapq.heappop(heap)
             bucket = buckets.pop(tick, None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from typing import Protocol, cast
 
@@ -60,9 +59,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (uvloop sets TCP_NODELAY on every TCP transport itself)
         transport.set_write_buffer_limits(high=256 * 1024)
 
     def data_received(self, data: bytes) -> None:

@@ -135,7 +135,7 @@ class Listener:
         # override header can name a path outside the allowed prefixes just as well.
         self.strip_override = True if strip is None else strip
         self.connections: set[ClientProtocol] = set()
-        self.per_client: dict[str, int] = {}
+        self.per_client: dict[bytes, int] = {}
         self.conn_gauge = metrics.connection_gauge(config.name)
         self.ws_gauge = metrics.websocket_gauge(config.name)
 
@@ -223,7 +223,6 @@ class ClientProtocol(asyncio.Protocol):
     __slots__ = (
         "blocked_since",
         "client_eof",
-        "client_ip",
         "client_write_blocked",
         "cycle",
         "deadline_tick",
@@ -252,10 +251,11 @@ class ClientProtocol(asyncio.Protocol):
         self.state = State.HEAD
         self.cycle: Cycle | None = None
         self.transport: asyncio.Transport | None = None
-        self.client_ip = ""
+        #: the client's address, as bytes (its str is ``client_ip``)
         self.peer = b""
-        #: what to call when the armed timeout expires (None: no timeout armed)
-        self.timer: Callable[[], None] | None = None
+        #: the method to call when the armed timeout expires (None: no timeout armed); kept
+        #: unbound, so arming creates no bound-method object
+        self.timer: Callable[[ClientProtocol], None] | None = None
         self.deadline_tick = 0  # owned by ``worker.deadlines``
         self.read_paused = False
         self.upstream_write_blocked = False
@@ -272,6 +272,10 @@ class ClientProtocol(asyncio.Protocol):
         self.tunnel_upstream: UpstreamProtocol | None = None
         self.ws_closing = False
 
+    @property
+    def client_ip(self) -> str:
+        return self.peer.decode()
+
     # ---------------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -280,11 +284,10 @@ class ClientProtocol(asyncio.Protocol):
         listener = self.listener
         limits = listener.config.limits
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
-        self.peer = self.client_ip.encode()
+        self.peer = peer[0].encode() if peer else b""
         self.trusted = self._is_trusted()
-        count = listener.per_client.get(self.client_ip, 0) + 1
-        listener.per_client[self.client_ip] = count
+        count = listener.per_client.get(self.peer, 0) + 1
+        listener.per_client[self.peer] = count
         listener.connections.add(self)
         listener.conn_gauge.inc()
         if len(listener.connections) > limits.max_connections or (
@@ -295,7 +298,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         # (uvloop sets TCP_NODELAY on every TCP transport itself)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
-        self._arm(limits.header_timeout_s, self._on_head_timeout)
+        self._arm(limits.header_timeout_s, ClientProtocol._on_head_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -306,7 +309,9 @@ class ClientProtocol(asyncio.Protocol):
             if first and self.state is State.HEAD and self.cycle is None and len(self.scanner):
                 # the first bytes of a head, not yet all of it: the header timeout replaces the
                 # keep-alive one (a head that arrived whole needs no timer of its own)
-                self._arm(self.listener.config.limits.header_timeout_s, self._on_head_timeout)
+                self._arm(
+                    self.listener.config.limits.header_timeout_s, ClientProtocol._on_head_timeout
+                )
         elif state is State.FORWARD or state is State.UPSTREAM:
             cycle = self.cycle
             assert cycle is not None
@@ -337,7 +342,7 @@ class ClientProtocol(asyncio.Protocol):
         listener = self.listener
         listener.connections.discard(self)
         listener.conn_gauge.dec()
-        ip = self.client_ip
+        ip = self.peer
         left = listener.per_client.get(ip, 1) - 1
         if left:
             listener.per_client[ip] = left
@@ -378,8 +383,8 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- timers
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` in ``delay`` seconds, replacing the timeout armed before."""
+    def _arm(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
+        """Run ``callback(self)`` in ``delay`` seconds, replacing the timeout armed before."""
         self.timer = callback
         self.worker.deadlines.arm(self, delay)
 
@@ -392,7 +397,7 @@ class ClientProtocol(asyncio.Protocol):
         callback = self.timer
         if callback is not None:
             self.timer = None
-            callback()
+            callback(self)
 
     def _on_head_timeout(self) -> None:
         """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
@@ -423,11 +428,11 @@ class ClientProtocol(asyncio.Protocol):
                 self._finish_metrics(cycle, cycle.status)
                 self._close(abort=True)
                 return
-            self._arm(min(timeout, send_timeout), self._on_upstream_read_timeout)
+            self._arm(min(timeout, send_timeout), ClientProtocol._on_upstream_read_timeout)
             return
         quiet = now - cycle.last_read
         if quiet < timeout:
-            self._arm(timeout - quiet, self._on_upstream_read_timeout)
+            self._arm(timeout - quiet, ClientProtocol._on_upstream_read_timeout)
             return
         self._upstream_failed(cycle, "upstream_timeout", 504)
 
@@ -440,7 +445,7 @@ class ClientProtocol(asyncio.Protocol):
         timeout = self.listener.config.limits.body_timeout_s
         quiet = self.worker.loop.time() - cycle.last_body
         if quiet < timeout:
-            self._arm(timeout - quiet, self._on_body_timeout)
+            self._arm(timeout - quiet, ClientProtocol._on_body_timeout)
             return
         if self.upstream_write_blocked:
             self._upstream_failed(cycle, "upstream_timeout", 504)
@@ -673,13 +678,15 @@ class ClientProtocol(asyncio.Protocol):
             # a retry: the body-less request was read completely on the first attempt
             conn.write(conn.leg.end())
             upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
-            self._arm(upstream_conf.first_byte_timeout_s, self._on_upstream_timeout)
+            self._arm(upstream_conf.first_byte_timeout_s, ClientProtocol._on_upstream_timeout)
             return
         self._pump_request()
         if self.state is State.FORWARD:
             if not cycle.request_done:
                 cycle.last_body = self.worker.loop.time()
-                self._arm(self.listener.config.limits.body_timeout_s, self._on_body_timeout)
+                self._arm(
+                    self.listener.config.limits.body_timeout_s, ClientProtocol._on_body_timeout
+                )
             self._update_reading()
 
     def on_upstream_failed(self, code: str) -> None:
@@ -791,7 +798,9 @@ class ClientProtocol(asyncio.Protocol):
                 cycle.request_done = True
                 if not cycle.response_started:
                     upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
-                    self._arm(upstream_conf.first_byte_timeout_s, self._on_upstream_timeout)
+                    self._arm(
+                        upstream_conf.first_byte_timeout_s, ClientProtocol._on_upstream_timeout
+                    )
                 if cycle.response_done:
                     self._finish_cycle(cycle)
                 return
@@ -839,7 +848,7 @@ class ClientProtocol(asyncio.Protocol):
                 if cycle.response_started and self.timer is None and self.state is State.FORWARD:
                     self._arm(
                         self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
-                        self._on_upstream_read_timeout,
+                        ClientProtocol._on_upstream_read_timeout,
                     )
                 return  # NEED_DATA, PAUSED, SWITCHED
             cycle.response_done = True
@@ -913,7 +922,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.listener.config.websocket_mode is WebSocketMode.VALIDATE:
             self.relay = WebSocketRelay(limits.ws_max_message_bytes)
         self._update_reading_tunnel()
-        self._arm(limits.ws_ping_interval_s, self._on_ws_tick)
+        self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
         self.last_ws_activity = time.monotonic()
         if upstream_rest:
             self._tunnel_from_upstream(upstream_rest)
@@ -952,12 +961,12 @@ class ClientProtocol(asyncio.Protocol):
             self.scanner.feed(rest)
         limits = self.listener.config.limits
         if len(self.scanner):
-            self._arm(limits.header_timeout_s, self._on_head_timeout)
+            self._arm(limits.header_timeout_s, ClientProtocol._on_head_timeout)
         elif self.client_eof:
             self._close()  # half-closed and everything it sent is answered
             return
         else:
-            self._arm(limits.keepalive_timeout_s, self._on_head_timeout)
+            self._arm(limits.keepalive_timeout_s, ClientProtocol._on_head_timeout)
         self._update_reading()
 
     def _finish_metrics(self, cycle: Cycle, status: int) -> None:
@@ -1128,7 +1137,7 @@ class ClientProtocol(asyncio.Protocol):
         elif not self.ws_closing and self.relay is not None and self.relay.closing:
             # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
             self.ws_closing = True
-            self._arm(WS_CLOSE_TIMEOUT_S, self._on_ws_close_timeout)
+            self._arm(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
 
     def _on_ws_close_timeout(self) -> None:
         self.timer = None
@@ -1156,7 +1165,7 @@ class ClientProtocol(asyncio.Protocol):
             ping = self.relay.ping_client()
             if ping and self.transport is not None:
                 self.transport.write(ping)
-        self._arm(limits.ws_ping_interval_s, self._on_ws_tick)
+        self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
 
     def _end_tunnel(self) -> None:
         conn = self.tunnel_upstream

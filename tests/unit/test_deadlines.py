@@ -147,3 +147,21 @@ def test_small_delays_fire_within_a_tick_or_two(delay: float) -> None:
         assert owner.at - start >= delay - 1e-3
 
     run(main)
+
+
+def test_a_tick_emptied_by_cancels_takes_new_owners() -> None:
+    async def main(loop: asyncio.AbstractEventLoop) -> None:
+        fired: list[str] = []
+        deadlines = Deadlines(loop)
+        first = [Owner(loop, f"gone{i}", fired) for i in range(50)]
+        for owner in first:
+            deadlines.arm(owner, 0.1)
+        for owner in first:
+            deadlines.cancel(owner)
+        assert len(deadlines) == 0
+        late = Owner(loop, "late", fired)
+        deadlines.arm(late, 0.1)  # very likely the emptied tick itself
+        await asyncio.sleep(0.5)
+        assert fired == ["late"]
+
+    run(main)
