@@ -8,6 +8,7 @@ default, ``426``, ``200``, ``badaccept``), so each upstream outcome is one targe
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from support.client import (
@@ -19,8 +20,11 @@ from support.client import (
     build_request,
     host_of,
 )
-from support.proxy import Stack
+from support.proxy import ProxyFactory, Stack
 from support.upstream import pattern_body
+from wsproto.events import CloseConnection, Ping
+
+from fastproxy.wsrelay import KEEPALIVE_PING
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -148,3 +152,39 @@ def test_unmasked_client_frame_closes_the_websocket(preset: Stack) -> None:
     # 1002 protocol error in a Close frame, or 1006: the TCP connection closed without one
     assert closed.value.code in {1002, 1006}
     assert all(not c.ws_messages for c in preset.upstream.connections())
+
+
+KEEPALIVE_LIMITS = {
+    "listeners": {"sdk": {"limits": {"ws_ping_interval_s": 0.3, "ws_idle_timeout_s": 1.2}}}
+}
+
+
+def test_idle_websocket_is_pinged_then_closed_going_away(proxy: ProxyFactory) -> None:
+    """A client that neither sends nor answers pings gets keep-alive pings, then Close 1001."""
+    running = proxy(overrides=KEEPALIVE_LIMITS)
+    with WebSocketClient(running.sdk_port, "/sockets/1/idle") as ws:
+        start = time.monotonic()
+        pings: list[bytes] = []
+        close: CloseConnection | None = None
+        while close is None and time.monotonic() - start < 15:
+            for event in ws._receive():  # raw events: nothing answers the pings
+                if isinstance(event, Ping):
+                    pings.append(bytes(event.payload))
+                elif isinstance(event, CloseConnection):
+                    close = event
+        assert close is not None and close.code == 1001
+        assert time.monotonic() - start >= 1.2 - 0.05  # not before the idle timeout
+    assert pings and all(p == KEEPALIVE_PING for p in pings)
+
+
+def test_active_websocket_outlives_the_idle_timeout(proxy: ProxyFactory) -> None:
+    running = proxy(overrides=KEEPALIVE_LIMITS)
+    with WebSocketClient(running.sdk_port, "/sockets/1/busy") as ws:
+        start = time.monotonic()
+        count = 0
+        while time.monotonic() - start < 2.5:  # twice the idle timeout
+            ws.send_text(f"m{count}")
+            assert ws.recv() == f"m{count}"
+            count += 1
+            time.sleep(0.2)
+        assert ws.close(1000) == 1000
