@@ -571,7 +571,14 @@ def test_access_log_reopened_by_every_worker_on_sigusr1(
     rotated = tmp_path / "access.log.1"
     log_path.rename(rotated)
     os.kill(running.pid, signal.SIGUSR1)
-    wait_until("the file reopened", log_path.exists, running)
+    # the master forwards the signal; records a worker wrote before its own reopen belong to
+    # the old file, so the new requests wait until both workers say they reopened
+    wait_until(
+        "both workers reopened",
+        lambda: running.output().count("reopened 1 log files in worker") >= 2,
+        running,
+    )
+    assert log_path.exists()
     after = [get(running.sdk_port, f"/api/1/devices/after{i}") for i in range(6)]
     assert all(r.status == 200 for r in after)
     wait_until(
