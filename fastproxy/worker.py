@@ -1097,7 +1097,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.ws_active = True
         relay = self.relay
-        if relay is None:
+        if relay is None or relay.client_passes(data):
             conn.write(data)
             return
         self._apply(relay.from_client(data))
@@ -1107,7 +1107,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.ws_active = True
         relay = self.relay
-        if relay is None:
+        if relay is None or relay.upstream_passes(data):
             if self.transport is not None:
                 self.transport.write(data)
             return

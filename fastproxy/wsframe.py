@@ -183,6 +183,27 @@ class FrameScanner:
         """Part of a data frame was forwarded but not all: nothing else may go that way now."""
         return self._rest > 0
 
+    def whole_data_frame(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly one whole, unfragmented Text or Binary frame (7- or 16-bit
+        length) that passes every check: the common read, forwarded as it is without ``feed``.
+        """
+        n = len(data)
+        if n <= 3 or self._rest or self._held or self._fragmented:
+            return False
+        b0 = data[0]
+        b1 = data[1]
+        if (b0 != 0x82 and b0 != 0x81) or (b1 & 0x80) != self._mask_bit:
+            return False
+        length = b1 & 0x7F
+        if length < 126:
+            whole = n - length == self._short
+        elif length == 126:
+            length = data[2] << 8 | data[3]
+            whole = n - length == self._short + 2
+        else:
+            return False
+        return whole and not length > self._limit > 0
+
     def feed(self, data: bytes, forward: bool, out: list[bytes]) -> tuple[int, bytes] | None:
         """Scan ``data`` and append to ``out`` what is to be forwarded.
 
@@ -191,28 +212,12 @@ class FrameScanner:
         ``code`` its status (1005 for none); what follows a Close is ignored. Otherwise returns
         None. Raises ``FrameError`` after appending the good frames before the bad one.
         """
+        if self.whole_data_frame(data):
+            if forward:
+                out.append(data)
+            return None
         rest = self._rest
         n = len(data)
-        if not rest and n > 3 and not self._held and not self._fragmented:
-            # the common case first: the read is one whole unfragmented Text or Binary frame
-            # with a 7- or 16-bit length
-            b0 = data[0]
-            b1 = data[1]
-            if (b0 == 0x82 or b0 == 0x81) and (b1 & 0x80) == self._mask_bit:
-                length = b1 & 0x7F
-                if length < 126:
-                    whole = n - length == self._short
-                elif length == 126:
-                    length = data[2] << 8 | data[3]
-                    whole = n - length == self._short + 2
-                else:
-                    whole = False
-                if whole:
-                    if length > self._limit > 0:
-                        raise _refused(out, data, 0, 0, b"message too big", CLOSE_TOO_BIG)
-                    if forward:
-                        out.append(data)
-                    return None
         if rest:
             # inside a data frame's payload
             if rest > 0:

@@ -122,6 +122,16 @@ class WebSocketRelay:
         self._upstream = FrameScanner(masked=False)
         self._state = 0
 
+    def client_passes(self, data: bytes) -> bool:
+        """``data`` from the client may be forwarded as it is, with nothing else to do: both
+        sides are open and it is one whole, checked data frame (the common read). Otherwise
+        ``from_client`` decides."""
+        return not self._state and self._client.whole_data_frame(data)
+
+    def upstream_passes(self, data: bytes) -> bool:
+        """``client_passes`` for ``data`` from the upstream."""
+        return not self._state and self._upstream.whole_data_frame(data)
+
     def from_client(self, data: bytes) -> RelayOutput:
         """Bytes read from the client."""
         out = RelayOutput()
