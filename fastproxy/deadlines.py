@@ -98,18 +98,6 @@ class Deadlines:
             if not bucket:
                 self._buckets[tick] = _EMPTIED
 
-    def close(self) -> None:
-        """Forget every deadline (the worker is stopping)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        for bucket in self._buckets.values():
-            for owner in bucket:
-                owner.deadline_tick = 0
-        self._buckets.clear()
-        self._heap.clear()
-        self._scheduled = 0
-
     def _schedule(self, tick: int) -> None:
         if self._handle is not None:
             self._handle.cancel()

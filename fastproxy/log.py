@@ -28,9 +28,6 @@ Invariants:
 - Workers inherit the writer across ``fork``. The master never writes access records, so its
   buffer is empty when it forks; in any case a forked child starts with an empty buffer
   (``os.register_at_fork``), so no line buffered before a fork is ever written twice.
-- ``fastproxy.access`` is still a logger, for callers that log through ``logging``: its records
-  go to the same writer, flushed per record (the old cost, but never lost or reordered). It never
-  propagates into the application log, and writes nowhere without ``access_log``.
 - ``reopen`` (SIGUSR1, after logrotate moved the file) flushes what is pending to the old file,
   then opens the path again and swaps the descriptor. Each process holds its own descriptor: the
   master reopens its own (for the workers it will fork), every worker must reopen its own.
@@ -53,8 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: name of the application logger every module logs under
 APP_LOGGER = "fastproxy"
-#: name of the access logger, for records logged through ``logging``; the hot path uses ``access``
-ACCESS_LOGGER = "fastproxy.access"
 
 #: optional keys copied from ``extra=`` into the JSON object, in this order
 EXTRA_KEYS = ("listener", "conn_id", "decision", "status", "upstream", "dur_ms")
@@ -188,10 +183,6 @@ class AccessLog:
         if len(self._buf) >= self._limit:
             self.flush()
 
-    def _append_line(self, line: bytes) -> None:
-        self._buf += line
-        self._buf += b"\n"
-
     def flush(self) -> None:
         """Write every pending line with one ``os.write`` (more only after a partial write).
 
@@ -286,27 +277,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _AccessHandler(logging.Handler):
-    """Routes ``fastproxy.access`` logger records into the writer, flushed per record.
-
-    A mapping message with no arguments is the record's fields (``logger.info(fields)``); any
-    other message is written like an application record, so nothing is dropped silently.
-    """
-
-    def __init__(self, writer: AccessLog) -> None:
-        super().__init__()
-        self.writer = writer
-        self.setFormatter(JsonFormatter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.msg
-        if isinstance(msg, Mapping) and not record.args:
-            self.writer.write(dict(msg))
-        else:
-            self.writer._append_line(self.format(record).encode())
-        self.writer.flush()
-
-
 #: the access-log writer ``setup`` created, or None when the access log is off
 access: AccessLog | None = None
 
@@ -344,18 +314,6 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     app_handler.setFormatter(JsonFormatter())
     app.addHandler(app_handler)
     _installed.append((app, app_handler))
-
-    access_logger = logging.getLogger(ACCESS_LOGGER)
-    access_logger.propagate = False
-    if writer is None:
-        # Without a handler and without propagation, logging's last-resort handler would print
-        # access records to stderr; disabling the level is what "off" means.
-        access_logger.setLevel(logging.CRITICAL + 1)
-    else:
-        access_logger.setLevel(logging.INFO)
-        access_handler = _AccessHandler(writer)
-        access_logger.addHandler(access_handler)
-        _installed.append((access_logger, access_handler))
 
 
 def reopen() -> int:

@@ -401,7 +401,6 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_head_timeout(self) -> None:
         """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
-        self.timer = None
         if self.state is not State.HEAD:
             return
         if self.client_write_blocked:
@@ -414,7 +413,6 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_upstream_read_timeout(self) -> None:
         """No upstream byte for ``read_timeout_s`` in the middle of a response body."""
-        self.timer = None
         cycle = self.cycle
         if cycle is None or self.state is not State.FORWARD or cycle.response_done:
             return
@@ -438,7 +436,6 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_body_timeout(self) -> None:
         """The request body stalled: the client stopped sending, or the upstream reading."""
-        self.timer = None
         cycle = self.cycle
         if cycle is None or self.state is not State.FORWARD or cycle.request_done:
             return
@@ -458,7 +455,6 @@ class ClientProtocol(asyncio.Protocol):
             self._local_reply(cycle, 408, "body_timeout", close=True)
 
     def _on_upstream_timeout(self) -> None:
-        self.timer = None
         cycle = self.cycle
         if cycle is None or self.state is not State.FORWARD or cycle.response_started:
             return
@@ -1140,12 +1136,10 @@ class ClientProtocol(asyncio.Protocol):
             self._arm(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
 
     def _on_ws_close_timeout(self) -> None:
-        self.timer = None
         self._end_tunnel()
         self._close(abort=True)
 
     def _on_ws_tick(self) -> None:
-        self.timer = None
         if self.state is not State.TUNNEL:
             return
         limits = self.listener.config.limits

@@ -275,7 +275,7 @@ def test_cli_demo_config_defaults_keep_preset_ports() -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    loggers = [logging.getLogger(log.APP_LOGGER), logging.getLogger(log.ACCESS_LOGGER)]
+    loggers = [logging.getLogger(log.APP_LOGGER)]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
     for lg, handlers, level, propagate in saved:
@@ -317,30 +317,6 @@ def test_log_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
     logger.warning("loud")
     lines = capsys.readouterr().err.splitlines()
     assert [orjson.loads(line)["msg"] for line in lines] == ["loud"]
-
-
-@pytest.mark.usefixtures("restore_logging")
-def test_log_access_file_and_reopen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "access.log"
-    log.setup("info", access_log=str(path))
-    access = logging.getLogger(log.ACCESS_LOGGER)
-    access.info({"path": "/a", "status": 200})
-    rotated = tmp_path / "access.log.1"
-    path.rename(rotated)
-    assert log.reopen() == 1
-    access.info({"path": "/b", "status": 403})
-    assert orjson.loads(rotated.read_bytes())["path"] == "/a"
-    record = orjson.loads(path.read_bytes())
-    assert record["path"] == "/b"
-    assert "ts" in record
-    assert capsys.readouterr().err == ""  # never in the application log
-
-
-@pytest.mark.usefixtures("restore_logging")
-def test_log_access_off_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    log.setup("debug")
-    logging.getLogger(log.ACCESS_LOGGER).info({"path": "/a"})
-    assert capsys.readouterr() == ("", "")
 
 
 def test_log_unknown_level() -> None:

@@ -73,7 +73,7 @@ def isolated_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let a test call ``log.setup``; put the loggers and ``log.access`` back afterwards."""
     monkeypatch.setattr(log, "access", None)  # a writer left by another test is not ours to close
     monkeypatch.setattr(log, "_installed", [])
-    loggers = [logging.getLogger(log.APP_LOGGER), logging.getLogger(log.ACCESS_LOGGER)]
+    loggers = [logging.getLogger(log.APP_LOGGER)]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
     if log.access is not None:
@@ -359,7 +359,6 @@ def test_setup_without_access_log_has_no_writer(capfd: pytest.CaptureFixture[str
     log.setup("debug", access_log=None)
     assert log.access is None
     assert log.reopen() == 0
-    logging.getLogger(log.ACCESS_LOGGER).info({"path": "/a"})
     assert capfd.readouterr() == ("", "")
 
 
@@ -417,18 +416,3 @@ def test_setup_stdout_is_not_counted_by_reopen(capfd: pytest.CaptureFixture[str]
     log.access.write({"path": "/a"})
     assert log.reopen() == 0
     assert orjson.loads(capfd.readouterr().out)["path"] == "/a"  # reopen flushed it
-
-
-@pytest.mark.usefixtures("isolated_setup")
-def test_setup_access_logger_records_go_to_the_writer_at_once(tmp_path: Path) -> None:
-    path = tmp_path / "access.log"
-    log.setup("info", access_log=str(path))
-    assert log.access is not None
-    log.access.write({"path": "/buffered"})
-    access_logger = logging.getLogger(log.ACCESS_LOGGER)
-    access_logger.info({"path": "/logged"})
-    access_logger.info("plain %s", "message")
-    first, second, third = (orjson.loads(line) for line in read(path).splitlines())
-    assert (first["path"], second["path"]) == ("/buffered", "/logged")  # in order
-    assert third["msg"] == "plain message"
-    assert third["logger"] == log.ACCESS_LOGGER
