@@ -33,6 +33,7 @@ from importlib import metadata
 from fastproxy import __version__, config, log
 from fastproxy.config import Address, Config, ListenerConfig, Mode
 from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
+from fastproxy.headers import valid_method
 from fastproxy.master import BindError, Master, bind_listener
 from fastproxy.policy import Action, Decision, PrefixTable, Refusal
 
@@ -323,6 +324,13 @@ def explain(
         ("listener", f"{listener.name} ({listener.bind}, policy {listener.policy}, {mode} mode)"),
         ("request", f"{_show(method)} {_show(target)}"),
     ]
+    if not valid_method(method):
+        lines += [
+            ("decision", "400 bad_method"),
+            ("upstream", "none: answered by fastproxy, the connection is closed"),
+            ("why", "a method is upper-case letters, '_' and '-' only"),
+        ]
+        return lines
     if method in listener.refused_methods:
         lines += [
             ("decision", "405 method_not_allowed"),
@@ -367,6 +375,12 @@ def explain(
             ("decision", f"would_deny: report mode forwards it as {_show(decision.target)}"),
             ("upstream", forwarded),
             ("why", f"{matched} denies; in report mode it is forwarded, counted and logged"),
+        ]
+    elif rule.action is Action.REWRITE and method not in (b"GET", b"HEAD"):
+        lines += [
+            ("decision", "405 method_not_allowed"),
+            ("upstream", "none: answered by fastproxy, the connection is closed"),
+            ("why", f"{matched} rewrites to a fixed document, which only GET and HEAD may read"),
         ]
     elif rule.action is Action.REWRITE:
         lines += [

@@ -29,7 +29,7 @@ Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`
 - ``[listeners.NAME]``: ``bind`` (an IP literal and port; names are never resolved here; port 0
   lets the kernel choose and never conflicts), ``policy``, ``upstream`` (may be left out when
   there is exactly one upstream), ``mode``, ``limits`` (a table of ``Limits`` fields),
-  ``trusted_proxies``, ``strip_override_headers``, ``forwarded_header``, ``websocket_mode``,
+  ``trusted_proxies``, ``keep_headers``, ``forwarded_header``, ``websocket_mode``,
   ``refused_methods``. ``tls = {cert, key}`` is validated, then rejected: TLS termination is not
   supported yet. Two listeners (or a listener and admin) may not bind overlapping addresses
   (same port, same address or a wildcard of the same family).
@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 from fastproxy.errors import ConfigError
+from fastproxy.headers import FORWARDING_HEADERS, fold, is_provenance, valid_method
 from fastproxy.policy import (
     FIXED_REFUSALS,
     Action,
@@ -176,8 +177,8 @@ class ListenerConfig:
     limits: Limits = field(default_factory=Limits)
     #: X-Forwarded-*/Forwarded/X-Request-Id from these peers are kept, otherwise replaced
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    #: remove X-Original-URL and the other override headers; None (not set) = remove
-    strip_override_headers: bool | None = None
+    #: provenance headers (folded names) kept from clients outside ``trusted_proxies``
+    keep_headers: frozenset[bytes] = frozenset()
     #: add an RFC 7239 ``Forwarded`` header
     forwarded_header: bool = False
     websocket_mode: WebSocketMode = WebSocketMode.VALIDATE
@@ -893,7 +894,7 @@ _LISTENER_KEYS = (
     "tls",
     "limits",
     "trusted_proxies",
-    "strip_override_headers",
+    "keep_headers",
     "forwarded_header",
     "websocket_mode",
     "refused_methods",
@@ -1035,6 +1036,14 @@ def _listener(
 ) -> ListenerConfig:
     _name(name, where)
     table = _table(value, where)
+    if "strip_override_headers" in table:
+        # removed when provenance headers became one rule for every listener
+        raise ConfigError(
+            "no longer a setting: provenance headers are removed from untrusted clients on "
+            "every listener",
+            where=_join(where, "strip_override_headers"),
+            hint='keep_headers = ["X-Original-URL"] keeps a named one',
+        )
     _keys(table, where, _LISTENER_KEYS, required=("bind", "policy"))
     bind = _bind_address(table["bind"], _join(where, "bind"))
 
@@ -1079,9 +1088,9 @@ def _listener(
     if "websocket_mode" in table:
         ws_where = _join(where, "websocket_mode")
         ws_mode = _choice(table["websocket_mode"], ws_where, "websocket mode", _WS_MODES)
-    strip = None
-    if "strip_override_headers" in table:
-        strip = _bool(table["strip_override_headers"], _join(where, "strip_override_headers"))
+    keep: frozenset[bytes] = frozenset()
+    if "keep_headers" in table:
+        keep = _keep_headers(table["keep_headers"], _join(where, "keep_headers"))
     defaults = ListenerConfig(name, bind, policy_name, (), policy.fallback, upstream)
     refused = defaults.refused_methods
     if "refused_methods" in table:
@@ -1102,7 +1111,7 @@ def _listener(
         tls=tls,
         limits=_limits(table.get("limits", {}), _join(where, "limits")),
         trusted_proxies=proxies,
-        strip_override_headers=strip,
+        keep_headers=keep,
         forwarded_header=_get_bool(table, "forwarded_header", where, defaults.forwarded_header),
         websocket_mode=ws_mode,
         refused_methods=refused,
@@ -1125,6 +1134,32 @@ def _compile(rules: tuple[Rule, ...], fallback: Rule, where: str) -> None:
         raise ConfigError(str(exc), where=where) from None
 
 
+def _keep_headers(value: object, where: str) -> frozenset[bytes]:
+    names: set[bytes] = set()
+    for index, item in enumerate(_list(value, where)):
+        item_where = f"{where}[{index}]"
+        text = _str(item, item_where)
+        if not _TOKEN_RE.fullmatch(text):
+            raise _bad(item_where, "not a header name", text)
+        folded = fold(text.encode("ascii"))
+        if folded in FORWARDING_HEADERS:
+            raise _bad(
+                item_where,
+                "fastproxy sets this header itself",
+                text,
+                hint="list the peers whose value is kept in trusted_proxies",
+            )
+        if not is_provenance(folded):
+            raise _bad(
+                item_where,
+                "not a provenance header, it passes untouched already",
+                text,
+                hint='see "Provenance headers" in the README',
+            )
+        names.add(folded)
+    return frozenset(names)
+
+
 def _methods(value: object, where: str) -> frozenset[bytes]:
     methods: set[bytes] = set()
     for index, item in enumerate(_list(value, where)):
@@ -1132,7 +1167,15 @@ def _methods(value: object, where: str) -> frozenset[bytes]:
         text = _str(item, item_where)
         if not _TOKEN_RE.fullmatch(text):
             raise _bad(item_where, "not an HTTP method name", text)
-        methods.add(text.upper().encode("ascii"))
+        method = text.upper().encode("ascii")
+        if not valid_method(method):
+            raise _bad(
+                item_where,
+                "not a method fastproxy accepts",
+                text,
+                hint='methods are upper-case letters, "_" and "-"; any other is refused with 400',
+            )
+        methods.add(method)
     return frozenset(methods)
 
 
@@ -1252,8 +1295,7 @@ def _dump(config: Config) -> str:
             ("websocket_mode", lis.websocket_mode.value),
             ("refused_methods", sorted(m.decode("ascii") for m in lis.refused_methods)),
         ]
-        if lis.strip_override_headers is not None:
-            items.append(("strip_override_headers", lis.strip_override_headers))
+        items.append(("keep_headers", sorted(h.decode("ascii") for h in lis.keep_headers)))
         key = _toml_key(name)
         section(f"listeners.{key}", items)
         limits = lis.limits

@@ -39,26 +39,92 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Headers that make some backends route or act on something other than the checked request.
-OVERRIDE_HEADERS = frozenset(
+# Provenance headers (SPEC 5): fields that describe the request as an earlier proxy saw it, or
+# that make a backend route or act on something other than the checked request (another path,
+# scheme, host, client address, method or an authenticated identity). They are kept only from
+# ``trusted_proxies`` and removed from everyone else, on every listener. The rule is by family:
+# a namespace prefix a proxy or load balancer owns, or a closed set of names; never a guess at
+# words inside a name, because every other custom application header passes untouched. Names
+# are compared folded (lower case, ``_`` as ``-``). README "Provenance headers" gives the source
+# of each family.
+PROVENANCE_PREFIXES: tuple[bytes, ...] = (
+    b"x-forwarded-",  # the de facto family (Spring, Tomcat, Rack, gunicorn, Traefik, Envoy XFCC)
+    b"x-original-",  # ASP.NET Core, nginx auth_request, ingress-nginx, Azure, IIS
+    b"x-rewrite-",  # IIS URL Rewrite (X-Rewrite-URL; Symfony until 2018, Zend)
+    b"x-envoy-",  # Envoy's own namespace
+    b"x-amzn-",  # AWS ALB: OIDC identity, mTLS client certificate, trace
+    b"cloudfront-",  # Amazon CloudFront viewer fields
+    b"x-goog-iap-",  # Google IAP: the signed identity
+    b"x-goog-authenticated-user-",  # Google IAP: the identity
+    b"x-google-",  # App Engine: reserved for Google
+    b"x-appengine-",  # App Engine: geo, cron, caller app
+    b"x-cloudtasks-",  # Google Cloud Tasks
+    b"x-azure-",  # Azure Front Door: client and socket address, Front Door id
+    b"x-fd-",  # Azure Front Door: reserved
+    b"x-appgw-",  # Azure Application Gateway
+    b"x-ms-client-principal",  # Azure App Service authentication: the identity
+    b"x-ms-token-",  # Azure App Service authentication: provider tokens
+    b"x-arr-",  # IIS Application Request Routing, Azure App Service: TLS, client certificate
+    b"cf-",  # Cloudflare, Cloudflare Access identity
+    b"fastly-",  # Fastly: client address, TLS
+    b"akamai-",  # Akamai
+    b"x-akamai-",  # Akamai
+    b"ssl-client-",  # Tomcat SSLValve, ingress-nginx, Keycloak: client certificate
+    b"x-ssl-client-",  # HAProxy convention: client certificate
+    b"x-auth-request-",  # oauth2-proxy: identity
+)
+PROVENANCE_NAMES = frozenset(
     {
-        b"x-original-url",
-        b"x-rewrite-url",
-        b"x-override-url",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
+        b"forwarded",  # RFC 7239
+        b"x-forwarded",  # an X-Forwarded-For variant (request-ip, django-ipware)
+        b"forwarded-for",  # the same
+        b"x-real-ip",  # nginx realip, Traefik, Tornado
+        b"true-client-ip",  # Akamai, Cloudflare
+        b"x-client-ip",  # request-ip
+        b"x-cluster-client-ip",  # request-ip
+        b"client-ip",  # Rails ActionDispatch::RemoteIp
+        b"x-proxyuser-ip",  # client-address detection code
+        b"appengine-user-ip",  # request-ip
+        b"x-host",  # Apache mod_rpaf
+        b"x-scheme",  # Tornado, ingress-nginx, Traefik
+        b"x-url-scheme",  # WSGI scheme middleware
+        b"front-end-https",  # Microsoft; Plack ReverseProxy
+        b"x-script-name",  # SCRIPT_NAME behind a path prefix (Flask recipes)
+        b"script-name",  # gunicorn forwarder_headers
+        b"path-info",  # gunicorn forwarder_headers
+        b"remote-user",  # gunicorn forwarder_headers, Authelia
+        b"remote-groups",  # Authelia trusted-header SSO
+        b"remote-email",  # Authelia
+        b"remote-name",  # Authelia
+        b"client-cert",  # RFC 9440
+        b"client-cert-chain",  # RFC 9440
+        b"ssl-cipher",  # Tomcat SSLValve
+        b"ssl-session-id",  # Tomcat SSLValve
+        b"ssl-cipher-usekeysize",  # Tomcat SSLValve
+        b"x-http-method-override",  # Rack, Symfony, ASP.NET Core, Express
+        b"x-http-method",  # MS-ODATA, SharePoint
+        b"x-method-override",  # PHP code
+        b"x-override-url",  # a URL override of the same kind as X-Original-URL
+        b"x-request-id",  # fastproxy sets its own; kept from trusted proxies (and logged)
     }
 )
-
-# Set by fastproxy; kept from trusted peers only.
+#: the provenance fields fastproxy sets itself (README): rebuilt, never copied as they are
 FORWARDING_HEADERS = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-request-id"}
 )
-# Client-address headers some backends trust; never set by fastproxy, kept from trusted peers only.
-CLIENT_ADDRESS_HEADERS = frozenset(
-    {b"x-real-ip", b"true-client-ip", b"x-client-ip", b"x-forwarded-port", b"x-forwarded-server"}
-)
+
+
+#: folded names already found to belong to no provenance family: a set lookup instead of a
+#: prefix scan for the names a worker sees on every request. Bounded, so a client sending
+#: random names cannot grow it; a name outside it is simply scanned.
+_PLAIN_NAMES: set[bytes] = set()
+_PLAIN_NAMES_MAX = 4096
+
+
+def is_provenance(folded: bytes) -> bool:
+    """Whether a folded header name belongs to a provenance family."""
+    return folded in PROVENANCE_NAMES or folded.startswith(PROVENANCE_PREFIXES)
+
 
 # Connection tokens that must never remove an end-to-end header we rely on.
 _PROTECTED = frozenset({b"host", b"content-length", b"x-request-id"}) | FORWARDING_HEADERS
@@ -105,6 +171,21 @@ class RequestInfo:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+
+#: RFC 9110 9.1 makes methods case-sensitive tokens, and every registered method is upper case;
+#: nginx refuses any other byte (``ngx_http_parse_request_line``: ``A-Z``, ``_`` and ``-``)
+_METHOD_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-"
+
+
+def valid_method(method: bytes) -> bool:
+    """Whether ``method`` is a method fastproxy accepts: upper-case letters, ``_`` and ``-``.
+
+    A positive rule, so that every method-keyed rule (refused methods, the body guard on GET
+    and HEAD, the WebSocket handshake's GET) holds in every spelling: ``trace`` is not TRACE
+    here, but Django and Werkzeug upper-case it before they dispatch.
+    """
+    return bool(method) and not method.translate(None, _METHOD_BYTES)
 
 
 def fold(name: bytes) -> bytes:
@@ -256,15 +337,16 @@ def upstream_headers(
     trusted: bool,
     proto: bytes,
     request_id: bytes,
-    strip_override: bool,
+    keep: frozenset[bytes] = frozenset(),
     websocket: bool,
     forwarded: bool,
 ) -> list[tuple[bytes, bytes]]:
     """The header list to send upstream for an accepted request.
 
     ``host`` is the Host to send (the client's, or the upstream address for HTTP/1.0 requests
-    without one). Framing headers are rebuilt from ``info``; forwarding headers from untrusted
-    peers are replaced.
+    without one). Framing headers are rebuilt from ``info``. Provenance headers pass only from
+    a ``trusted`` peer, or when their folded name is in ``keep``; fastproxy's own forwarding
+    headers are then set.
     """
     named = info.connection - _PROTECTED
     out: list[tuple[bytes, bytes]] = [(b"Host", host)]
@@ -276,23 +358,22 @@ def upstream_headers(
     for (name, value), folded in zip(headers, folded_names, strict=True):
         if folded in HOP_BY_HOP or folded == b"host" or folded in named:
             continue
-        if folded in CLIENT_ADDRESS_HEADERS:
-            if trusted:
+        if folded in _PLAIN_NAMES:
+            pass
+        elif folded in PROVENANCE_NAMES or folded.startswith(PROVENANCE_PREFIXES):
+            if folded in FORWARDING_HEADERS:
+                if trusted:
+                    if folded == b"x-forwarded-for":
+                        prior_xff.append(value)
+                    elif folded == b"forwarded":
+                        prior_fwd.append(value)
+                    elif folded != b"x-request-id":  # re-added below, once
+                        out.append((name, value))
+            elif trusted or folded in keep:
                 out.append((name, value))
             continue
-        if folded in FORWARDING_HEADERS:
-            if trusted:
-                if folded == b"x-forwarded-for":
-                    prior_xff.append(value)
-                elif folded == b"forwarded":
-                    prior_fwd.append(value)
-                elif folded == b"x-request-id":
-                    continue  # re-added below, once
-                else:
-                    out.append((name, value))
-            continue
-        if strip_override and folded in OVERRIDE_HEADERS:
-            continue
+        elif len(_PLAIN_NAMES) < _PLAIN_NAMES_MAX:
+            _PLAIN_NAMES.add(folded)
         if websocket and folded == b"sec-websocket-extensions":
             continue  # no compression in the tunnel: frames stay checkable
         out.append((name, value))

@@ -53,6 +53,7 @@ from fastproxy.headers import (
     same_authority,
     trusted_request_id,
     upstream_headers,
+    valid_method,
 )
 from fastproxy.http1 import (
     ClientLeg,
@@ -77,6 +78,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 WS_CLOSE_TIMEOUT_S = 10.0
 #: methods whose body some backends ignore, reading it as the next request ("CL.0")
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
+#: the methods a rewritten request (the SPA fallback) may carry
+REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
 #: requests that may be sent again when a pooled connection turns out to be closed
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
@@ -118,7 +121,6 @@ class Listener:
         "name",
         "per_client",
         "pools",
-        "strip_override",
         "table",
         "ws_gauge",
     )
@@ -130,10 +132,6 @@ class Listener:
         self.name = config.name
         self.table = PrefixTable(config.rules, config.fallback)
         self.pools = pools
-        strip = config.strip_override_headers
-        # Stripped on every listener unless configured: on a rewrite-fallback listener an
-        # override header can name a path outside the allowed prefixes just as well.
-        self.strip_override = True if strip is None else strip
         self.connections: set[ClientProtocol] = set()
         self.per_client: dict[bytes, int] = {}
         self.conn_gauge = metrics.connection_gauge(config.name)
@@ -556,6 +554,11 @@ class ClientProtocol(asyncio.Protocol):
             # RFC 9112 3.2 (h11 checks it too; llhttp does not)
             self._local_reply(cycle, 400, "bad_host", close=True)
             return
+        if not valid_method(head.method):
+            # one positive rule (upper-case tokens), so a method-keyed refusal below holds in
+            # every spelling: backends such as Django and Werkzeug upper-case what they get
+            self._local_reply(cycle, 400, "bad_method", close=True)
+            return
         if head.method in lconf.refused_methods:
             self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
             return
@@ -611,6 +614,11 @@ class ClientProtocol(asyncio.Protocol):
                 cycle.verdict = "deny"
                 self._local_reply(cycle, 403, "forbidden", close=info.has_body)
                 return
+        elif action is Action.REWRITE and head.method not in REWRITE_METHODS:
+            # A rewrite serves one fixed document (the SPA's index): only reads make sense, as a
+            # static file server answers 405 to a POST (RFC 9110 15.5.6: Allow lists the rest).
+            self._local_reply(cycle, 405, "method_not_allowed", close=True, allow=b"GET, HEAD")
+            return
         else:
             cycle.verdict = action.value
         if info.content_length is not None and info.content_length > rule.max_body_bytes:
@@ -630,7 +638,7 @@ class ClientProtocol(asyncio.Protocol):
             trusted=trusted,
             proto=b"http",
             request_id=cycle.request_id,
-            strip_override=listener.strip_override,
+            keep=lconf.keep_headers,
             websocket=cycle.websocket,
             forwarded=lconf.forwarded_header,
         )
@@ -995,7 +1003,9 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- local replies
 
-    def _local_reply(self, cycle: Cycle, status: int, code: str, *, close: bool) -> None:
+    def _local_reply(
+        self, cycle: Cycle, status: int, code: str, *, close: bool, allow: bytes = b""
+    ) -> None:
         """Answer ``cycle`` ourselves with a small JSON body; never echoes client input."""
         if cycle.upstream is not None:
             self._drop_upstream(cycle)
@@ -1023,7 +1033,9 @@ class ClientProtocol(asyncio.Protocol):
             self._close(abort=True)
             return
         head_only = cycle.head.method == b"HEAD"
-        self._write_reply(status, code, cycle.request_id, close=close, head_only=head_only)
+        self._write_reply(
+            status, code, cycle.request_id, close=close, head_only=head_only, allow=allow
+        )
         self._finish_metrics(cycle, status)
         self.cycle = None
         if close:
@@ -1040,7 +1052,14 @@ class ClientProtocol(asyncio.Protocol):
         self._close()
 
     def _write_reply(
-        self, status: int, code: str, request_id: bytes, *, close: bool, head_only: bool
+        self,
+        status: int,
+        code: str,
+        request_id: bytes,
+        *,
+        close: bool,
+        head_only: bool,
+        allow: bytes = b"",
     ) -> None:
         transport = self.transport
         if transport is None:
@@ -1056,6 +1075,8 @@ class ClientProtocol(asyncio.Protocol):
             body = b""
             head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
         head += b"X-Request-Id: %s\r\n" % request_id
+        if allow:
+            head += b"Allow: %s\r\n" % allow
         if close:
             head += b"Connection: close\r\n"
         transport.write(head + b"\r\n" if head_only else head + b"\r\n" + body)

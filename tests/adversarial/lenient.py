@@ -70,6 +70,49 @@ OVERRIDE_HEADERS = frozenset(
 URL_OVERRIDE_HEADERS = frozenset({b"x-original-url", b"x-rewrite-url", b"x-override-url"})
 #: the override headers whose value is a method a backend acts as
 METHOD_OVERRIDE_HEADERS = OVERRIDE_HEADERS - URL_OVERRIDE_HEADERS
+#: headers through which a backend or framework takes the request as a proxy described it
+#: (path, prefix, scheme, host, client address, identity): kept independent of fastproxy's
+#: families on purpose. The corpus's clients are untrusted, so none may reach the upstream as
+#: the client sent it, on either listener (fastproxy sets X-Forwarded-For/-Proto/-Host itself).
+PROVENANCE_READ = OVERRIDE_HEADERS | frozenset(
+    {
+        b"x-forwarded-prefix",  # Spring ForwardedHeaderFilter, Werkzeug ProxyFix, ASP.NET Core
+        b"x-forwarded-uri",  # Traefik forward auth
+        b"x-forwarded-path",
+        b"x-forwarded-port",  # Django USE_X_FORWARDED_PORT, Rack
+        b"x-forwarded-ssl",  # Rack, gunicorn secure_scheme_headers
+        b"x-forwarded-scheme",  # Rack
+        b"x-forwarded-server",
+        b"x-forwarded-method",  # Traefik forward auth
+        b"x-forwarded-client-cert",  # Envoy XFCC
+        b"x-original-uri",  # nginx auth_request recipes, ingress-nginx
+        b"x-original-host",  # ASP.NET Core ForwardedHeaders
+        b"x-original-for",
+        b"x-original-proto",
+        b"x-original-prefix",
+        b"x-original-method",
+        b"x-envoy-original-path",
+        b"x-envoy-external-address",
+        b"x-envoy-internal",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",  # Rails ActionDispatch::RemoteIp
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-amzn-oidc-identity",  # AWS ALB authentication
+        b"x-amzn-oidc-data",
+        b"x-goog-authenticated-user-email",  # Google IAP
+        b"x-ms-client-principal-name",  # Azure App Service authentication
+        b"x-azure-fdid",  # Azure Front Door
+        b"x-arr-ssl",  # IIS ARR
+        b"x-script-name",
+        b"x-scheme",
+        b"front-end-https",
+        b"forwarded",
+    }
+)
 #: methods the preset refuses (SPEC 5), which no override may bring back
 REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
 

@@ -45,7 +45,7 @@ from adversarial.corpus import (
 from adversarial.lenient import (
     ALLOWED_PREFIXES,
     METHOD_OVERRIDE_HEADERS,
-    OVERRIDE_HEADERS,
+    PROVENANCE_READ,
     READINGS,
     REFUSED_METHODS,
     STRICT,
@@ -72,6 +72,9 @@ CATEGORIES = {
     "headers",
     "host",
     "limits",
+    "provenance",
+    "methods",
+    "agent",
 }
 #: short client timeouts for the slow-client cases
 SLOW_LIMITS = {"header_timeout_s": 0.5, "keepalive_timeout_s": 0.5}
@@ -304,8 +307,8 @@ def _connection_problems(
                 problems.append(f"{label}: read as {escapes[:4]} outside {case.listener}")
             for name, value in request.headers:
                 folded = fold_name(name)
-                if case.listener == "sdk" and folded in OVERRIDE_HEADERS:
-                    problems.append(f"{label}: override header {name!r} reached the upstream")
+                if folded in PROVENANCE_READ:
+                    problems.append(f"{label}: provenance header {name!r} reached the upstream")
                 if folded in METHOD_OVERRIDE_HEADERS and value.strip().upper() in REFUSED_METHODS:
                     problems.append(
                         f"{label}: {name.decode('latin-1')}: {value[:40]!r} turns the request "
@@ -453,7 +456,10 @@ def test_checks_catch_a_path_a_backend_reads_elsewhere() -> None:
 
 def test_checks_catch_override_headers() -> None:
     raw = CLEAN_FORWARD.replace(b"X-Request-Id: 1", b"X_HTTP_Method_Override: TRACE")
-    assert any("override header" in p for p in _problems(_case("sdk", "deny"), raw))
+    assert any("provenance header" in p for p in _problems(_case("sdk", "deny"), raw))
+    prefix = CLEAN_FORWARD.replace(b"X-Request-Id: 1", b"X-Forwarded-Prefix: /admin")
+    problems = _problems(_case("agent", "forward /api/1/devices"), prefix)
+    assert any("provenance header" in p for p in problems), problems
     assert any("refuses" in p for p in _problems(_case("agent", "deny"), raw))
     url = CLEAN_FORWARD.replace(b"X-Request-Id: 1", b"X-Rewrite-URL: /admin")
     assert any("routes to" in p for p in _problems(_case("agent", "deny"), url))

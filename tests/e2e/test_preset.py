@@ -306,6 +306,11 @@ OVERRIDE_HEADERS = [
     ("X-HTTP-Method-Override", "DELETE"),
     ("X-HTTP-Method", "DELETE"),
     ("X-Method-Override", "DELETE"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Original-URI", "/admin"),
+    ("X-Envoy-Original-Path", "/admin"),
+    ("X-Real-IP", "10.0.0.1"),
+    ("X-Amzn-Oidc-Identity", "admin"),
 ]
 
 
@@ -325,14 +330,16 @@ def test_agent_strips_override_headers_by_default(preset: Stack) -> None:
     assert request.header_values("x-original-url") == []
 
 
-def test_override_headers_kept_when_configured(
+def test_provenance_header_kept_when_named(
     proxy: ProxyFactory, upstream: RecordingUpstream
 ) -> None:
-    running = proxy(overrides={"listeners": {"agent": {"strip_override_headers": False}}})
-    response = get(running.agent_port, "/api/1/x", headers=[("X-Original-URL", "/admin")])
+    running = proxy(overrides={"listeners": {"agent": {"keep_headers": ["X-Original-URL"]}}})
+    headers = [("X-Original-URL", "/admin"), ("X-Original-URI", "/admin")]
+    response = get(running.agent_port, "/api/1/x", headers=headers)
     assert response.status == 200
     [request] = upstream.requests()
     assert request.header_values("x-original-url") == [b"/admin"]
+    assert request.header_values("x-original-uri") == []  # only the named one is kept
 
 
 # -- methods, Host and the target form (SPEC 4, 5) ------------------------------------------------

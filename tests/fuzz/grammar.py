@@ -79,7 +79,10 @@ def either(src: Source, plain: Sequence[T], odd: Sequence[T], odds: int = 8) -> 
 # -- request line ---------------------------------------------------------------------------
 
 METHODS = [b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH"]
-ODD_METHODS = [b"TRACE", b"CONNECT", b"get", b"PRI", b"G\x00T", b"GET\t", b"", b"X" * 40]
+ODD_METHODS = [
+    *(b"TRACE", b"CONNECT", b"get", b"PRI", b"G\x00T", b"GET\t", b"", b"X" * 40, b"Trace"),
+    *(b"tRACE", b"post", b"M-SEARCH", b"GET1", b"G.T"),
+]
 TARGET_STARTS = [
     *(b"/api/1/devices", b"/api/1/sessions", b"/sockets/1/", b"/index.html", b"/static/"),
     *(b"/apps/", b"/proxy/1/", b"/recording/1/", b"/favicon.png", b"/api/1/", b"/", b"/admin"),
@@ -182,6 +185,8 @@ PLAIN_FIELDS = [
     *(b"X_Original_URL: /admin", b"X-HTTP-Method-Override: DELETE", b"X-Request-Id: abc"),
     *(b"X-Request-Id: " + b"r" * 200, b"X-Forwarded-For: 10.0.0.1", b"Forwarded: for=1.2.3.4"),
     *(b"X-Forwarded-Host: evil", b"Sec-WebSocket-Extensions: permessage-deflate"),
+    *(b"X-Forwarded-Prefix: /admin", b"X-Original-URI: /admin", b"X_Envoy_Original_Path: /x"),
+    *(b"X-Amzn-Oidc-Identity: root", b"CF-Connecting-IP: 1.2.3.4", b"X-Real-IP: 1.2.3.4"),
     *(b"Content-Type: text/plain", b"Host: 127.0.0.1:8080", *WEBSOCKET_FIELDS),
 ]
 ODD_FIELDS = [

@@ -36,16 +36,16 @@ import h11
 
 from fastproxy.config import Limits, ListenerConfig, load_config
 from fastproxy.headers import (
-    CLIENT_ADDRESS_HEADERS,
     FORWARDING_HEADERS,
-    OVERRIDE_HEADERS,
     RequestInfo,
     RequestRefused,
     check_websocket_handshake,
     fold,
     inspect_request,
+    is_provenance,
     same_authority,
     upstream_headers,
+    valid_method,
 )
 from fastproxy.http1 import Ev, HeadScanner, RequestHead, ServerLeg, UpstreamLeg
 from fastproxy.policy import Action, Decision, PrefixTable, Refusal, Rule, canonicalize
@@ -67,6 +67,8 @@ LOCAL_STATUSES = frozenset({204, 400, 403, 405, 413, 414, 431})
 UPSTREAM_STATUS = 200
 #: as ``worker.BODILESS_METHODS`` (the pure target does not import the worker; a test compares)
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
+#: as ``worker.REWRITE_METHODS``
+REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
 
 _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 #: bytes a canonical path may hold: pchar without ";" (refused), plus "/" and "%" (escapes)
@@ -92,18 +94,16 @@ class Listener:
     table: PrefixTable
     limits: Limits
     refused_methods: frozenset[bytes]
-    strip_override: bool
+    keep_headers: frozenset[bytes]
 
     @classmethod
     def from_config(cls, config: ListenerConfig) -> Listener:
-        strip = config.strip_override_headers
         return cls(
             name=config.name,
             table=PrefixTable(config.rules, config.fallback),
             limits=config.limits,
             refused_methods=config.refused_methods,
-            # as worker.Listener: override headers are stripped unless configured otherwise
-            strip_override=True if strip is None else strip,
+            keep_headers=config.keep_headers,
         )
 
 
@@ -235,6 +235,9 @@ class ClientModel:
             self._reply(leg, head, refused.status, refused.code, close=True)
             return
         self.info = info
+        if not valid_method(head.method):
+            self._reply(leg, head, 400, "bad_method", close=True)
+            return
         if head.method in listener.refused_methods:
             self._reply(leg, head, 405, "method_not_allowed", close=info.has_body)
             return
@@ -276,6 +279,9 @@ class ClientModel:
         if rule.action is Action.DENY:  # the preset listeners enforce
             self._reply(leg, head, 403, "forbidden", close=info.has_body, rule=rule)
             return
+        if rule.action is Action.REWRITE and head.method not in REWRITE_METHODS:
+            self._reply(leg, head, 405, "method_not_allowed", close=True, rule=rule)
+            return
         if info.content_length is not None and info.content_length > rule.max_body_bytes:
             self._reply(leg, head, 413, "body_too_large", close=True, rule=rule)
             return
@@ -288,7 +294,7 @@ class ClientModel:
             trusted=False,
             proto=b"http",
             request_id=b"fuzz-%d" % self._request_ids,
-            strip_override=listener.strip_override,
+            keep=listener.keep_headers,
             websocket=websocket,
             forwarded=False,
         )
@@ -468,7 +474,9 @@ def check_upstream_headers(
     for name in (b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"):
         assert folded.count(name) == 1, (name, headers)
     assert b"forwarded" not in folded, headers
-    assert not CLIENT_ADDRESS_HEADERS.intersection(folded), headers
+    # provenance headers from an untrusted client never pass; only fastproxy's own are set
+    provenance = {name for name in folded if is_provenance(name)} - listener.keep_headers
+    assert provenance <= FORWARDING_HEADERS, headers
     assert folded.count(b"content-length") + folded.count(b"transfer-encoding") <= 1, headers
     assert not _NEVER_FORWARDED.intersection(folded), headers
     assert (b"upgrade" in folded) == websocket, headers
@@ -477,8 +485,6 @@ def check_upstream_headers(
     named = info.connection - _REBUILT - (_WEBSOCKET_PAIR if websocket else frozenset())
     assert not named.intersection(folded), (info.connection, headers)
     assert folded.count(b"connection") == (1 if websocket else 0), headers
-    if listener.strip_override:
-        assert not OVERRIDE_HEADERS.intersection(folded), headers
 
 
 def check_raw_framing(raw_head: bytes) -> None:

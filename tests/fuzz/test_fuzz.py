@@ -163,6 +163,7 @@ def test_the_long_run_driver_finds_nothing_on_a_short_run() -> None:
 
 def test_model_uses_the_worker_constants() -> None:
     assert targets.BODILESS_METHODS == worker.BODILESS_METHODS
+    assert targets.REWRITE_METHODS == worker.REWRITE_METHODS
 
 
 # -- findings -----------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_config_built_in_default_is_the_cobrowse_preset_on_loopback() -> None:
         assert listener.mode is Mode.ENFORCE
         assert listener.limits == Limits()
         assert listener.refused_methods == frozenset({b"TRACE", b"CONNECT"})
-        assert listener.strip_override_headers is None
+        assert listener.keep_headers == frozenset()
         assert all(rule.max_body_bytes == 64 * MIB for rule in listener.rules)
         assert all(rule.upstream is None and not rule.allow for rule in listener.rules)
 
@@ -369,7 +369,7 @@ def test_config_listener_options() -> None:
         mode = "report"
         websocket_mode = "tunnel"
         trusted_proxies = ["10.0.0.0/8", "::1"]
-        strip_override_headers = false
+        keep_headers = ["X_Forwarded_Prefix", "X-Original-URL"]
         forwarded_header = true
         refused_methods = ["trace"]
         limits = { max_headers = 50, header_timeout_s = 2, max_connections_per_client = 0 }
@@ -390,7 +390,8 @@ def test_config_listener_options() -> None:
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
-    assert (sdk.strip_override_headers, sdk.forwarded_header) == (False, True)
+    assert sdk.keep_headers == frozenset({b"x-forwarded-prefix", b"x-original-url"})
+    assert sdk.forwarded_header
     assert sdk.refused_methods == frozenset({b"TRACE"})
     assert sdk.limits == Limits(max_headers=50, header_timeout_s=2.0, max_connections_per_client=0)
     assert config.listeners["other"].refused_methods == frozenset({b"TRACE", b"CONNECT"})
@@ -418,8 +419,8 @@ ERRORS = [
     pytest.param(
         BASE + 'polcy = "x"\n',
         'fastproxy.toml: listeners.sdk: unknown key, got "polcy" (did you mean "policy"? known: '
-        "bind, forwarded_header, limits, mode, policy, refused_methods, strip_override_headers, "
-        "tls, trusted_proxies, upstream, websocket_mode)",
+        "bind, forwarded_header, keep_headers, limits, mode, policy, refused_methods, tls, "
+        "trusted_proxies, upstream, websocket_mode)",
         id="unknown-listener-key",
     ),
     pytest.param(
@@ -702,6 +703,36 @@ ERRORS = [
         id="bad-method",
     ),
     pytest.param(
+        BASE + 'refused_methods = ["M.SEARCH"]\n',
+        "fastproxy.toml: listeners.sdk.refused_methods[0]: not a method fastproxy accepts, got "
+        '"M.SEARCH" (methods are upper-case letters, "_" and "-"; any other is refused with 400)',
+        id="method-never-accepted",
+    ),
+    pytest.param(
+        BASE + "strip_override_headers = false\n",
+        "fastproxy.toml: listeners.sdk.strip_override_headers: no longer a setting: provenance "
+        "headers are removed from untrusted clients on every listener "
+        '(keep_headers = ["X-Original-URL"] keeps a named one)',
+        id="strip-override-headers-removed",
+    ),
+    pytest.param(
+        BASE + 'keep_headers = ["X-Custom"]\n',
+        "fastproxy.toml: listeners.sdk.keep_headers[0]: not a provenance header, it passes "
+        'untouched already, got "X-Custom" (see "Provenance headers" in the README)',
+        id="keep-headers-not-provenance",
+    ),
+    pytest.param(
+        BASE + 'keep_headers = ["X-Forwarded-For"]\n',
+        "fastproxy.toml: listeners.sdk.keep_headers[0]: fastproxy sets this header itself, got "
+        '"X-Forwarded-For" (list the peers whose value is kept in trusted_proxies)',
+        id="keep-headers-own",
+    ),
+    pytest.param(
+        BASE + 'keep_headers = ["X Original"]\n',
+        'fastproxy.toml: listeners.sdk.keep_headers[0]: not a header name, got "X Original"',
+        id="keep-headers-not-a-name",
+    ),
+    pytest.param(
         BASE.replace('["10.0.0.5:8080"]', "[]"),
         "fastproxy.toml: upstreams.cobrowse.servers: at least one server is required, got []",
         id="no-servers",
@@ -870,7 +901,7 @@ def test_config_dump_roundtrip_everything(tmp_path: Path) -> None:
         upstream = "cobrowse"
         mode = "report"
         trusted_proxies = ["10.0.0.0/8"]
-        strip_override_headers = true
+        keep_headers = ["X-Forwarded-Prefix"]
         refused_methods = []
         limits = { max_headers = 10, ws_idle_timeout_s = 60, ws_ping_interval_s = 15 }
 

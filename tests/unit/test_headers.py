@@ -8,18 +8,21 @@ from fastproxy.headers import (
     RequestInfo,
     RequestRefused,
     check_websocket_handshake,
+    fold,
     inspect_request,
+    is_provenance,
     response_headers,
     same_authority,
     trusted_request_id,
     upstream_headers,
     valid_authority,
+    valid_method,
 )
 
 H = list[tuple[bytes, bytes]]
 
 
-def _forward(headers: H, *, trusted: bool = False, strip: bool = True) -> H:
+def _forward(headers: H, *, trusted: bool = False, keep: frozenset[bytes] = frozenset()) -> H:
     info = inspect_request(headers)
     return upstream_headers(
         headers,
@@ -29,7 +32,7 @@ def _forward(headers: H, *, trusted: bool = False, strip: bool = True) -> H:
         trusted=trusted,
         proto=b"http",
         request_id=b"rid1",
-        strip_override=strip,
+        keep=keep,
         websocket=False,
         forwarded=False,
     )
@@ -214,7 +217,79 @@ def test_upstream_headers_replaces_untrusted_forwarding_headers() -> None:
 def test_upstream_headers_strips_override_headers(name: bytes) -> None:
     headers = [(b"Host", b"a"), (name, b"/admin")]
     assert name not in {n for n, _ in _forward(headers)}
-    assert name in {n for n, _ in _forward(headers, strip=False)}
+    assert name in {n for n, _ in _forward(headers, trusted=True)}
+    assert name in {n for n, _ in _forward(headers, keep=frozenset({fold(name)}))}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"X-Forwarded-Prefix",  # Spring ForwardedHeaderFilter, ASP.NET, Werkzeug ProxyFix
+        b"X_Forwarded_Prefix",
+        b"x-forwarded-uri",  # Traefik
+        b"X-Original-URI",  # nginx auth_request setups
+        b"X-Original-Host",  # ASP.NET ForwardedHeaders
+        b"X-Envoy-Original-Path",
+        b"X-Amzn-Oidc-Identity",  # AWS ALB
+        b"X-Goog-Authenticated-User-Email",  # Google IAP
+        b"X-MS-CLIENT-PRINCIPAL-NAME",  # Azure App Service
+        b"CF-Connecting-IP",
+        b"Fastly-Client-IP",
+        b"Forwarded",
+        b"X-Real-IP",
+        b"X-Script-Name",
+        b"X-Forwarded",
+        b"Remote-User",
+        b"SSL_Client_Cert",
+    ],
+)
+def test_upstream_headers_remove_provenance_families(name: bytes) -> None:
+    assert is_provenance(fold(name))
+    headers = [(b"Host", b"a"), (name, b"/admin")]
+    out = _forward(headers)
+    assert all(n != name for n, _ in out)
+    assert (name, b"/admin") in _forward(headers, trusted=True) or fold(name) == b"forwarded"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"X-Custom_Header",
+        b"X-Forwardable",  # no family member: the prefix is "x-forwarded-"
+        b"X-Goog-Api-Key",  # Google API clients send it; only IAP's names are provenance
+        b"X-Amz-Date",  # SigV4 clients send it; only "x-amzn-" is AWS's proxy namespace
+        b"X-Original",
+        b"X-Cobrowse-Device",
+        b"Cookie",
+        b"X-Requested-With",
+        b"X-MS-Version",  # Azure's own API headers are not provenance
+        b"traceparent",
+        b"Via",
+    ],
+)
+def test_upstream_headers_pass_application_headers(name: bytes) -> None:
+    assert not is_provenance(fold(name))
+    out = _forward([(b"Host", b"a"), (name, b"v"), (name, b"w")])
+    assert [v for n, v in out if n == name] == [b"v", b"w"]
+
+
+@pytest.mark.parametrize(
+    ("method", "valid"),
+    [
+        (b"GET", True),
+        (b"M-SEARCH", True),
+        (b"VERSION-CONTROL", True),
+        (b"X_CUSTOM", True),
+        (b"get", False),
+        (b"Trace", False),
+        (b"tRACE", False),
+        (b"GET1", False),
+        (b"G.ET", False),
+        (b"", False),
+    ],
+)
+def test_valid_method_is_upper_case_letters(method: bytes, valid: bool) -> None:
+    assert valid_method(method) is valid
 
 
 def test_upstream_headers_reframes_body() -> None:

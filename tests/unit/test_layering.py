@@ -14,7 +14,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "errors": (set(), set()),
     "policy": ({"errors"}, set()),
     "headers": (set(), set()),
-    "config": ({"errors", "policy"}, set()),
+    "config": ({"errors", "policy", "headers"}, set()),
     "http1": ({"headers"}, {"h11"}),
     "http1_httptools": ({"http1", "headers"}, {"httptools"}),
     "wsframe": (set(), set()),
@@ -43,7 +43,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     ),
     "master": ({"errors", "config", "log", "metrics", "worker"}, set()),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
-    "cli": ({"errors", "config", "log", "master", "policy", "demo", "fastproxy"}, set()),
+    "cli": ({"errors", "config", "headers", "log", "master", "policy", "demo", "fastproxy"}, set()),
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
