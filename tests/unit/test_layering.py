@@ -24,6 +24,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "admin": ({"metrics", "fastproxy"}, set()),
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
+    "runtime": ({"config", "policy"}, set()),
     "worker": (
         {
             "admin",
@@ -47,7 +48,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
-PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsframe", "wsrelay"}
+PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsframe", "wsrelay", "runtime"}
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
 
