@@ -5,6 +5,8 @@
 - ``GET /api/1/devices/blob``: ``--large-bytes`` of zeros (the download test);
 - ``POST``/``PUT`` anywhere: the body is read to its end (Content-Length or chunked) and dropped,
   then ``{"received": N}`` is answered (the upload sink);
+- ``GET`` anything with the query ``chunks=N``: a chunked body of N one-byte chunks (the response
+  flood of ``bench.floods``);
 - a WebSocket handshake on any path: 101, then every data frame is echoed as it arrives, pings
   are answered, a close is returned;
 - ``GET /index.html`` (and ``/``), ``/favicon.png``, ``/static/...``, ``/apps/...``: small
@@ -45,6 +47,10 @@ def response_head(status: bytes, ctype: bytes, length: int, extra: bytes = b"") 
 
 
 SMALL_RESPONSE = response_head(b"200 OK", b"application/json", len(SMALL)) + SMALL
+CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: bench-origin\r\nContent-Type: application/octet-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
 
 
 class Origin(asyncio.Protocol):
@@ -119,24 +125,33 @@ class Origin(asyncio.Protocol):
                 return
 
     def _chunks(self) -> bool:
-        """Consume chunked body bytes; False when more bytes are needed."""
-        while True:
-            line_end = self.buf.find(b"\r\n")
-            if line_end < 0:
-                return False
-            size = int(self.buf[:line_end].split(b";", 1)[0], 16)
-            if size == 0:
-                # no trailers from our clients: the last chunk is followed by an empty line
-                if len(self.buf) < line_end + 4:
+        """Consume chunked body bytes; False when more bytes are needed.
+
+        The buffer is cut once per call, not once per chunk: a body of one-byte chunks costs
+        the origin linear time, so it never holds back the proxy in front of it.
+        """
+        buf = self.buf
+        pos = 0
+        try:
+            while True:
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
                     return False
-                self.buf = self.buf[line_end + 4 :]
-                self.chunked = False
-                self._body_done()
-                return True
-            if len(self.buf) < line_end + 2 + size + 2:
-                return False
-            self.received += size
-            self.buf = self.buf[line_end + 2 + size + 2 :]
+                size = int(buf[pos:line_end].split(b";", 1)[0], 16)
+                if size == 0:
+                    # no trailers from our clients: the last chunk is followed by an empty line
+                    if len(buf) < line_end + 4:
+                        return False
+                    pos = line_end + 4
+                    self.chunked = False
+                    self._body_done()
+                    return True
+                if len(buf) < line_end + 2 + size + 2:
+                    return False
+                self.received += size
+                pos = line_end + 2 + size + 2
+        finally:
+            self.buf = buf[pos:]
 
     def _request(self, head: bytes) -> None:
         assert self.transport is not None
@@ -163,6 +178,12 @@ class Origin(asyncio.Protocol):
                 self.body_left = int(headers.get(b"content-length", b"0"))
                 if not self.body_left:
                     self._body_done()
+            return
+        query = target.partition(b"?")[2]
+        if query.startswith(b"chunks="):
+            # the response flood: N one-byte chunks, written at once (the transport buffers it)
+            self.transport.write(CHUNKED_HEAD)
+            self.transport.write(b"1\r\nx\r\n" * int(query[7:]) + b"0\r\n\r\n")
             return
         if path == b"/api/1/devices/blob":
             self.transport.write(
