@@ -27,7 +27,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 
 from fastproxy import __version__, config, log
@@ -216,12 +216,18 @@ def cmd_run(
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
     log.setup(log_level, access_log)
-    return _run_master(cfg)
+
+    def reload() -> Config:
+        """SIGHUP: the same file, read again; ``--workers`` still wins over it."""
+        cfg = _load(path)
+        return cfg if workers is None else dataclasses.replace(cfg, workers=workers)
+
+    return _run_master(cfg, reload)
 
 
-def _run_master(cfg: Config) -> int:
+def _run_master(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
-        return Master(cfg).run()
+        return Master(cfg, loader=loader).run()
     except BindError as err:
         _error(str(err))
         return EXIT_FAILURE

@@ -44,15 +44,19 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import NoReturn
 
-from fastproxy import log, metrics
-from fastproxy.config import Address, Config
-from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, FastproxyError, HaltServer
+from fastproxy import control, log, metrics
+from fastproxy.config import Address, Config, dump_config
+from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, ConfigError, FastproxyError, HaltServer
+from fastproxy.runtime import Snapshot, diff
 
 logger = logging.getLogger(__name__)
 
 _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
 
-WorkerTarget = Callable[[Config, Mapping[str, socket.socket], socket.socket | None, int], None]
+#: ``(config, sockets, admin_socket, channel_fd, generation)``: the worker's entry point
+WorkerTarget = Callable[[Config, Mapping[str, socket.socket], socket.socket | None, int, int], None]
+#: re-reads the configuration for a reload (raises ``ConfigError``)
+ConfigLoader = Callable[[], Config]
 
 #: listen(2) backlog; the kernel caps it at net.core.somaxconn. nginx uses 511, HAProxy and
 #: gunicorn 2048: bursts of SDK reconnects after a deploy are what this absorbs.
@@ -69,8 +73,8 @@ RESPAWN_BACKOFF_START_S = 1.0
 RESPAWN_BACKOFF_MAX_S = 30.0
 #: a worker that lived this long before it crashed resets its slot's throttle
 RESPAWN_STABLE_S = 10.0
-#: bytes read from a heartbeat pipe at once; the worker writes one per tick
-HEARTBEAT_READ_BYTES = 4096
+#: bytes read from the signal wake-up pipe at once
+WAKEUP_READ_BYTES = 4096
 #: what a SIGQUIT (fast stop) or an escalated stop waits for SIGKILLed workers to be reaped
 FAST_STOP_TIMEOUT_S = 5.0
 #: RLIMIT_NOFILE to aim for when the hard limit is unlimited (Linux fs.nr_open default)
@@ -99,8 +103,8 @@ class Worker:
     pid: int
     #: index in ``range(config.workers)``; a respawn takes over the slot of the dead worker
     slot: int
-    #: read end of the heartbeat pipe, or -1 once closed
-    heartbeat_fd: int
+    #: the master's end of the control channel (heartbeats in, reloads out); None once closed
+    channel: socket.socket | None
     #: ``time.monotonic()`` at fork
     started: float
     #: ``time.monotonic()`` of the last heartbeat byte (of the fork until the first byte)
@@ -111,6 +115,8 @@ class Worker:
     aborted_at: float | None = None
     #: the master already sent SIGKILL
     killed: bool = False
+    #: sent SIGTERM because ``workers`` shrank on a reload: its exit is not a crash
+    retiring: bool = False
 
 
 @dataclass(slots=True)
@@ -196,13 +202,21 @@ def _ask_for_death_signal(master_pid: int) -> None:
 class Master:
     """Supervise a pool of forked workers serving ``config``; ``run()`` returns the exit code."""
 
-    def __init__(self, config: Config, *, worker_target: WorkerTarget | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        worker_target: WorkerTarget | None = None,
+        loader: ConfigLoader | None = None,
+    ) -> None:
         if worker_target is None:
             # Imported here so that importing the master does not load asyncio and uvloop.
             from fastproxy.worker import run
 
             worker_target = run
         self._config = config
+        self._loader = loader
+        self._snapshot = Snapshot.build(config, 1)
         self._worker_target = worker_target
         self._pid = os.getpid()
         self._sockets: dict[str, socket.socket] = {}
@@ -218,6 +232,13 @@ class Master:
         self._stopping = False
         self._exit_code: int | None = None
         self._metrics_dir: str | None = None
+        self._metrics: metrics.MasterMetrics | None = None
+        #: pids of the workers that have not acknowledged the current generation yet
+        self._reload_pending: set[int] = set()
+        #: why workers could not apply the current generation
+        self._reload_errors: list[str] = []
+        #: a SIGHUP arrived while a reload was pending: read the file again once it is applied
+        self._hup_again = False
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -230,6 +251,7 @@ class Master:
             self._bind_all()
             raise_nofile_limit()
             self._metrics_dir = metrics.prepare_multiproc_dir()
+            self._metrics = metrics.MasterMetrics(time.time())
             self._install_signals()
             self._manage_workers()
             while True:
@@ -350,8 +372,13 @@ class Master:
         self._exit_code = EXIT_OK
 
     def handle_hup(self) -> None:
-        """SIGHUP: reload the configuration into the live workers (not implemented yet)."""
-        logger.warning("reload is not implemented yet; restart to apply a new configuration")
+        """SIGHUP: read the configuration again and apply it in the live workers."""
+        if self._reload_pending:
+            # the newest file wins, once the workers have what they are applying now
+            logger.info("SIGHUP during a reload: the file is read again once this one is applied")
+            self._hup_again = True
+            return
+        self._reload()
 
     def handle_usr1(self) -> None:
         """SIGUSR1: reopen log files after rotation."""
@@ -359,21 +386,128 @@ class Master:
         logger.info("SIGUSR1 received: reopened %d log files in the master", count)
         self._signal_workers(signal.SIGUSR1)  # each worker reopens its own descriptors
 
+    # -- reload -------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Validate the file; bind what it adds; send it to every worker; resize the pool.
+
+        On any error nothing changes: the workers keep serving the current generation.
+        """
+        current = self._snapshot.generation
+        if self._loader is None:
+            logger.warning("SIGHUP: no configuration file to reload")
+            return
+        generation = current + 1
+        added: dict[str, socket.socket] = {}
+        try:
+            config = self._loader()
+            snapshot = Snapshot.build(config, generation)
+            changes = diff(self._snapshot, snapshot)
+            if changes.admin:
+                raise ConfigError(
+                    "the admin listener cannot move on a reload (restart to apply it)",
+                    where="admin",
+                    source=config.source,
+                )
+            for name in changes.bind:
+                added[name] = bind_listener(f"listeners.{name}", config.listeners[name].bind)
+            text = dump_config(config)
+            message = control.Reload(generation, config.source, text, added)
+            control.encode_reload(message)  # a configuration too large for the channel fails here
+        except (FastproxyError, OSError) as err:
+            for sock in added.values():
+                sock.close()
+            logger.warning("reload failed, still serving generation %d: %s", current, err)
+            self._count_reload(ok=False)
+            return
+        for name in changes.close:
+            if name in self._sockets:
+                self._sockets.pop(name).close()  # the workers close theirs; connections finish
+                logger.info("listener %s closed (generation %d)", name, generation)
+        for name, sock in added.items():
+            self._sockets[name] = sock
+            logger.info(
+                "listening on %s (listener %s, generation %d)", _sockname(sock), name, generation
+            )
+        self._config = config
+        self._snapshot = snapshot
+        self._resize_pool(config.workers)
+        self._reload_errors = []
+        self._reload_pending = set()
+        for worker in self._workers.values():
+            if worker.retiring or worker.channel is None:
+                continue
+            try:
+                control.send_reload(worker.channel, message)
+            except OSError as err:  # the worker is exiting; its reap says why
+                logger.warning(
+                    "worker %d did not take generation %d: %s", worker.pid, generation, err
+                )
+                continue
+            self._reload_pending.add(worker.pid)
+        logger.info(
+            "reloading: generation %d from %s (%d listeners, %d workers)",
+            generation,
+            config.source,
+            len(config.listeners),
+            config.workers,
+        )
+        if not self._reload_pending:
+            self._reload_applied()
+
+    def _resize_pool(self, workers: int) -> None:
+        """Add slots for new workers, or retire the workers of the slots that go away."""
+        if workers > len(self._slots):
+            self._slots.extend(Slot() for _ in range(workers - len(self._slots)))
+        elif workers < len(self._slots):
+            del self._slots[workers:]
+            for worker in self._workers.values():
+                if worker.slot >= workers and not worker.retiring:
+                    worker.retiring = True
+                    self._reload_pending.discard(worker.pid)
+                    logger.info("retiring worker %d (workers: %d)", worker.pid, workers)
+                    self._kill(worker, signal.SIGTERM)
+
+    def _on_ack(self, worker: Worker, ack: control.Ack) -> None:
+        if ack.generation != self._snapshot.generation or worker.pid not in self._reload_pending:
+            return  # an older generation's answer
+        if ack.error is not None:
+            logger.error(
+                "worker %d could not apply generation %d: %s", worker.pid, ack.generation, ack.error
+            )
+            self._reload_errors.append(ack.error)
+        self._reload_pending.discard(worker.pid)
+        if not self._reload_pending:
+            self._reload_applied()
+
+    def _reload_applied(self) -> None:
+        generation = self._snapshot.generation
+        ok = not self._reload_errors
+        if ok:
+            logger.info("generation %d applied by every worker", generation)
+        self._count_reload(ok=ok)
+        if self._hup_again:
+            self._hup_again = False
+            self._reload()
+
+    def _count_reload(self, *, ok: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.reload_done(ok=ok, now=time.time())
+
     # -- workers ------------------------------------------------------------------------------
 
     def _manage_workers(self) -> None:
         """Fill every empty slot whose respawn delay has passed."""
         if self._stopping:
             return
-        busy = {worker.slot for worker in self._workers.values()}
+        busy = {worker.slot for worker in self._workers.values() if not worker.retiring}
         now = time.monotonic()
         for index, slot in enumerate(self._slots):
             if index not in busy and now >= slot.not_before:
                 self._spawn_worker(index)
 
     def _spawn_worker(self, slot: int) -> None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
+        channel, worker_end = control.channel_pair()
         # Whatever sits in the stdio buffers would otherwise be written twice.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -384,28 +518,34 @@ class Master:
         try:
             pid = os.fork()
             if pid == 0:
-                os.close(read_fd)
-                self._run_child(write_fd)
+                channel.close()
+                self._run_child(worker_end)
         except OSError:
-            os.close(read_fd)
-            os.close(write_fd)
+            channel.close()
+            worker_end.close()
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        os.close(write_fd)
+        worker_end.close()
         now = time.monotonic()
-        worker = Worker(pid=pid, slot=slot, heartbeat_fd=read_fd, started=now, last_beat=now)
+        worker = Worker(pid=pid, slot=slot, channel=channel, started=now, last_beat=now)
         self._workers[pid] = worker
-        self._selector.register(read_fd, selectors.EVENT_READ, worker)
+        self._selector.register(channel, selectors.EVENT_READ, worker)
         logger.info("worker %d started", pid)
 
-    def _run_child(self, heartbeat_fd: int) -> NoReturn:
+    def _run_child(self, channel: socket.socket) -> NoReturn:
         """The child's entry point: reset what belongs to the master, run the worker, ``_exit``."""
         code = EXIT_WORKER_BOOT
         try:
             self._reset_in_child()
             _ask_for_death_signal(self._pid)
-            self._worker_target(self._config, self._sockets, self._admin_socket, heartbeat_fd)
+            self._worker_target(
+                self._config,
+                self._sockets,
+                self._admin_socket,
+                channel.detach(),
+                self._snapshot.generation,
+            )
             code = EXIT_OK
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else 1)
@@ -434,34 +574,43 @@ class Master:
         for fd in (self._wakeup_r, self._wakeup_w):
             os.close(fd)
         for sibling in self._workers.values():
-            if sibling.heartbeat_fd != -1:
-                os.close(sibling.heartbeat_fd)
+            if sibling.channel is not None:
+                sibling.channel.close()
         # The epoll descriptor belongs to the master; closing it unregisters nothing there.
         self._selector.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def _wait_for_events(self, timeout: float) -> None:
-        """Sleep until a signal, a heartbeat byte or ``timeout``; record heartbeats."""
+        """Sleep until a signal, a control message or ``timeout``; handle the messages."""
         for key, _events in self._selector.select(timeout):
             if key.fd == self._wakeup_r:
                 with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wakeup_r, HEARTBEAT_READ_BYTES):
+                    while os.read(self._wakeup_r, WAKEUP_READ_BYTES):
                         pass
             else:
                 worker: Worker = key.data
-                self._read_heartbeat(worker)
+                self._read_channel(worker)
 
-    def _read_heartbeat(self, worker: Worker) -> None:
-        if worker.heartbeat_fd == -1:
-            return
-        try:
-            data = os.read(worker.heartbeat_fd, HEARTBEAT_READ_BYTES)
-        except BlockingIOError:
-            return
-        if not data:
-            # The worker closed its end (it is exiting); stop polling an fd that stays readable.
-            self._close_heartbeat(worker)
-            return
+    def _read_channel(self, worker: Worker) -> None:
+        """Every message waiting from ``worker``: heartbeats and acknowledgements."""
+        while worker.channel is not None:
+            try:
+                message = control.receive(worker.channel)
+            except BlockingIOError:
+                return
+            except (OSError, control.ControlError) as err:
+                logger.warning("worker %d: control channel failed: %s", worker.pid, err)
+                message = None
+            if message is None:
+                # The worker closed its end (it is exiting); stop polling what stays readable.
+                self._close_channel(worker)
+                return
+            if isinstance(message, control.Ack):
+                self._on_ack(worker, message)
+            elif isinstance(message, bytes):
+                self._on_heartbeat(worker)
+
+    def _on_heartbeat(self, worker: Worker) -> None:
         worker.last_beat = time.monotonic()
         if not worker.ready:
             worker.ready = True
@@ -471,24 +620,27 @@ class Master:
                 self._notify_ready()
 
     def _all_ready(self) -> bool:
-        return len(self._workers) == self._config.workers and all(
-            worker.ready for worker in self._workers.values()
-        )
+        serving = [worker for worker in self._workers.values() if not worker.retiring]
+        return len(serving) == self._config.workers and all(w.ready for w in serving)
 
     def _notify_ready(self) -> None:
         """Every worker is accepting: where systemd ``READY=1`` will be sent."""
 
-    def _close_heartbeat(self, worker: Worker) -> None:
-        if worker.heartbeat_fd != -1:
-            self._selector.unregister(worker.heartbeat_fd)
-            os.close(worker.heartbeat_fd)
-            worker.heartbeat_fd = -1
+    def _close_channel(self, worker: Worker) -> None:
+        if worker.channel is not None:
+            self._selector.unregister(worker.channel)
+            worker.channel.close()
+            worker.channel = None
 
     def _forget(self, worker: Worker) -> None:
-        # Bytes written just before the exit still count: they decide boot failure or crash.
-        self._read_heartbeat(worker)
-        self._close_heartbeat(worker)
+        # Messages sent just before the exit still count: they decide boot failure or crash.
+        self._read_channel(worker)
+        self._close_channel(worker)
         del self._workers[worker.pid]
+        if worker.pid in self._reload_pending:
+            self._reload_pending.discard(worker.pid)  # its replacement is born with it
+            if not self._reload_pending:
+                self._reload_applied()
 
     def _reap_workers(self) -> None:
         """Collect every exited child; judge each worker's exit."""
@@ -509,7 +661,7 @@ class Master:
 
     def _judge_exit(self, worker: Worker, status: int) -> None:
         cause = describe_exit(status)
-        if self._stopping:
+        if self._stopping or worker.retiring:
             logger.info("worker %d stopped: %s", worker.pid, cause)
             return
         if not worker.ready and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_WORKER_BOOT:

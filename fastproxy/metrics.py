@@ -129,6 +129,38 @@ class WorkerMetrics:
         return self.websockets.labels(listener)
 
 
+class MasterMetrics:
+    """The metrics the master updates: reloads. Created after ``prepare_multiproc_dir``.
+
+    The gauges are written by the master alone (``max`` over one writer is its value).
+    """
+
+    def __init__(self, now: float) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.reloads = Counter("fastproxy_reloads", "Configuration reloads by result.", ["result"])
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+        self.last_reload_successful = Gauge(
+            "fastproxy_config_last_reload_successful",
+            "Whether the last configuration reload succeeded (the start counts as one).",
+            multiprocess_mode="max",
+        )
+        self.last_reload_success = Gauge(
+            "fastproxy_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (the start counts as one).",
+            multiprocess_mode="max",
+        )
+        self.last_reload_successful.set(1)
+        self.last_reload_success.set(now)
+
+    def reload_done(self, *, ok: bool, now: float) -> None:
+        self.reloads.labels("ok" if ok else "failed").inc()
+        self.last_reload_successful.set(1 if ok else 0)
+        if ok:
+            self.last_reload_success.set(now)
+
+
 def render() -> bytes:
     """The exposition text of every worker's metrics, summed."""
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess

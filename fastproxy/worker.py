@@ -1210,11 +1210,13 @@ def run(
     sockets: Mapping[str, socket.socket],
     admin_socket: socket.socket | None,
     heartbeat_fd: int,
+    generation: int = 1,
 ) -> None:
     """Serve ``sockets`` (listener name -> bound, listening socket) until SIGTERM has drained.
 
-    Writes one byte to ``heartbeat_fd`` about every second from the event loop; the first byte
-    means "accepting". Raises if the worker cannot start.
+    ``heartbeat_fd`` is the worker's end of the control channel (``control``): one heartbeat
+    about every second from the event loop, the first meaning "accepting". ``generation`` is
+    the configuration generation ``config`` is. Raises if the worker cannot start.
     """
     import uvloop
 

@@ -52,7 +52,7 @@ MASTER_SCRIPT = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGABRT must not leave core files
 
 
-    def stub_worker(config, sockets, admin_socket, heartbeat_fd):
+    def stub_worker(config, sockets, admin_socket, heartbeat_fd, generation):
         assert set(sockets) == {"web"}
         assert admin_socket is not None
         if mode == "boot-fail":

@@ -25,6 +25,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
+    "control": ({"errors"}, set()),
     "worker": (
         {
             "admin",
@@ -42,7 +43,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         },
         {"uvloop", "orjson"},
     ),
-    "master": ({"errors", "config", "log", "metrics", "worker"}, set()),
+    "master": ({"errors", "config", "control", "log", "metrics", "runtime", "worker"}, set()),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
     "cli": ({"errors", "config", "headers", "log", "master", "policy", "demo", "fastproxy"}, set()),
     "__init__": (set(), set()),
