@@ -459,6 +459,7 @@ class Master:
         """Add slots for new workers, or retire the workers of the slots that go away."""
         if workers > len(self._slots):
             self._slots.extend(Slot() for _ in range(workers - len(self._slots)))
+            self._all_ready_announced = False  # said again once the new workers accept
         elif workers < len(self._slots):
             del self._slots[workers:]
             for worker in self._workers.values():

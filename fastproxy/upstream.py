@@ -149,6 +149,8 @@ class UpstreamPool:
         self.loop = loop
         self.servers = [Server(self, a.host, a.port) for a in config.servers]
         self._next = 0
+        #: replaced by a reload: connections in use finish their exchange, then close
+        self.retired = False
 
     def pick(self) -> Server:
         """Choose a server by the balancing method, skipping servers marked down."""
@@ -220,6 +222,7 @@ class UpstreamPool:
             # a request still being flushed would interleave with the next one
             and not transport.get_write_buffer_size()
             and len(server.idle) < self.config.keepalive
+            and not self.retired
         ):
             if leg.reusable:
                 leg.start_next_cycle()
@@ -241,6 +244,11 @@ class UpstreamPool:
         for server in self.servers:
             while server.idle and server.idle[0].idle_since < limit:
                 server.idle[0].close()
+
+    def retire(self) -> None:
+        """A reload replaced this pool: close the idle connections, and the others on release."""
+        self.retired = True
+        self.close_all()
 
     def close_all(self) -> None:
         for server in self.servers:

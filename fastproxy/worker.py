@@ -36,14 +36,16 @@ import signal
 import socket
 import struct
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from typing import cast
 
 import orjson
 
-from fastproxy import admin, log
-from fastproxy.config import Config, HttpParser, ListenerConfig, Mode, WebSocketMode
+from fastproxy import admin, control, log
+from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
+from fastproxy.errors import ConfigError, FastproxyError
 from fastproxy.headers import (
     RequestInfo,
     RequestRefused,
@@ -65,7 +67,8 @@ from fastproxy.http1 import (
     UpstreamBroken,
 )
 from fastproxy.metrics import WorkerMetrics
-from fastproxy.policy import Action, Decision, PrefixTable, Refusal
+from fastproxy.policy import Action, Decision, Refusal
+from fastproxy.runtime import ListenerPlan, Snapshot, diff
 from fastproxy.upstream import UpstreamPool, UpstreamProtocol
 from fastproxy.wsrelay import RelayOutput, WebSocketRelay, upgrade_accepted
 
@@ -112,52 +115,70 @@ class State(enum.Enum):
 
 
 class Listener:
-    """What one listener needs at run time: config, compiled table, counters."""
+    """One listener in this worker: its current plan, its server, connections and counters.
+
+    ``plan`` is replaced by a reload; a request pins the plan it started with (``Cycle.plan``).
+    """
 
     __slots__ = (
-        "config",
         "conn_gauge",
         "connections",
         "name",
         "per_client",
-        "pools",
-        "table",
+        "plan",
+        "retired",
+        "server",
         "ws_gauge",
     )
 
-    def __init__(
-        self, config: ListenerConfig, pools: Mapping[str, UpstreamPool], metrics: WorkerMetrics
-    ) -> None:
-        self.config = config
-        self.name = config.name
-        self.table = PrefixTable(config.rules, config.fallback)
-        self.pools = pools
+    def __init__(self, plan: ListenerPlan, metrics: WorkerMetrics) -> None:
+        self.plan = plan
+        self.name = plan.name
+        self.server: asyncio.Server | None = None
+        #: removed by a reload: no longer accepting; its connections end after their request
+        self.retired = False
         self.connections: set[ClientProtocol] = set()
         self.per_client: dict[bytes, int] = {}
-        self.conn_gauge = metrics.connection_gauge(config.name)
-        self.ws_gauge = metrics.websocket_gauge(config.name)
+        self.conn_gauge = metrics.connection_gauge(plan.name)
+        self.ws_gauge = metrics.websocket_gauge(plan.name)
+
+
+def leg_class_for(parser: HttpParser) -> Callable[[int], ClientLeg]:
+    if parser is HttpParser.HTTPTOOLS:
+        from fastproxy.http1_httptools import HttptoolsLeg  # an optional extra
+
+        return HttptoolsLeg
+    return ServerLeg
 
 
 class WorkerState:
-    """Shared by every connection of the worker."""
+    """Shared by every connection of the worker: the current snapshot and what it runs on."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
-        self.config = config
+    def __init__(self, snapshot: Snapshot, loop: asyncio.AbstractEventLoop) -> None:
+        self.snapshot = snapshot
         self.loop = loop
         self.metrics = WorkerMetrics()
-        self.pools = {name: UpstreamPool(u, loop) for name, u in config.upstreams.items()}
+        #: the current pool of each upstream; a reload that changes a spec retires its pool
+        self.pools = {name: UpstreamPool(u, loop) for name, u in snapshot.upstreams.items()}
         self.listeners = {
-            name: Listener(lc, self.pools, self.metrics) for name, lc in config.listeners.items()
+            name: Listener(plan, self.metrics) for name, plan in snapshot.listeners.items()
         }
+        #: listeners a reload removed, kept while their connections finish
+        self.retired_listeners: list[Listener] = []
         self.draining = False
         self.deadlines = Deadlines(loop)
-        self.leg_class: Callable[[int], ClientLeg] = ServerLeg
-        if config.http_parser is HttpParser.HTTPTOOLS:
-            from fastproxy.http1_httptools import HttptoolsLeg  # an optional extra
-
-            self.leg_class = HttptoolsLeg
+        self.leg_class = leg_class_for(snapshot.http_parser)
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_counter = 0
+
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
+    def every_listener(self) -> list[Listener]:
+        """Current listeners and those a reload removed that still have connections."""
+        self.retired_listeners = [lis for lis in self.retired_listeners if lis.connections]
+        return [*self.listeners.values(), *self.retired_listeners]
 
     def next_request_id(self) -> bytes:
         self._rid_counter += 1
@@ -179,6 +200,8 @@ class Cycle:
         "last_body",
         "last_read",
         "leg",
+        "plan",
+        "pool",
         "request_done",
         "request_id",
         "response_done",
@@ -193,10 +216,14 @@ class Cycle:
         "websocket",
     )
 
-    def __init__(self, leg: ClientLeg, head: RequestHead, start: float) -> None:
+    def __init__(self, leg: ClientLeg, head: RequestHead, start: float, plan: ListenerPlan) -> None:
         self.leg = leg
         self.head = head
         self.start = start
+        #: the listener's plan when the request began: the whole exchange follows it
+        self.plan = plan
+        #: the upstream pool chosen at the start (a reload may retire it meanwhile)
+        self.pool: UpstreamPool | None = None
         self.info: RequestInfo | None = None
         self.decision: Decision | None = None
         self.request_id = b""
@@ -233,7 +260,9 @@ class ClientProtocol(asyncio.Protocol):
         "state",
         "timer",
         "transport",
+        "trust_plan",
         "trusted",
+        "tunnel_limits",
         "tunnel_upstream",
         "upstream_write_blocked",
         "worker",
@@ -242,7 +271,7 @@ class ClientProtocol(asyncio.Protocol):
     )
 
     def __init__(self, worker: WorkerState, listener: Listener) -> None:
-        limits = listener.config.limits
+        limits = listener.plan.limits
         self.worker = worker
         self.listener = listener
         self.scanner = HeadScanner(limits.max_head_bytes, limits.max_headers, limits.max_uri_bytes)
@@ -260,6 +289,10 @@ class ClientProtocol(asyncio.Protocol):
         self.client_write_blocked = False
         self.blocked_since = 0.0
         self.trusted = False
+        #: the plan ``trusted`` was decided with (a reload may change ``trusted_proxies``)
+        self.trust_plan: ListenerPlan | None = None
+        #: the limits of the plan a WebSocket tunnel opened with
+        self.tunnel_limits: Limits | None = None
         #: the client half-closed after a complete request: answer what it sent, then close
         self.client_eof = False
         #: when the tunnel was last seen active, as of the last keep-alive tick
@@ -280,10 +313,12 @@ class ClientProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         listener = self.listener
-        limits = listener.config.limits
+        plan = listener.plan
+        limits = plan.limits
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
-        self.trusted = self._is_trusted()
+        self.trusted = self._is_trusted(plan)
+        self.trust_plan = plan
         count = listener.per_client.get(self.peer, 0) + 1
         listener.per_client[self.peer] = count
         listener.connections.add(self)
@@ -308,7 +343,7 @@ class ClientProtocol(asyncio.Protocol):
                 # the first bytes of a head, not yet all of it: the header timeout replaces the
                 # keep-alive one (a head that arrived whole needs no timer of its own)
                 self._arm(
-                    self.listener.config.limits.header_timeout_s, ClientProtocol._on_head_timeout
+                    self.listener.plan.limits.header_timeout_s, ClientProtocol._on_head_timeout
                 )
         elif state is State.FORWARD or state is State.UPSTREAM:
             cycle = self.cycle
@@ -414,11 +449,12 @@ class ClientProtocol(asyncio.Protocol):
         cycle = self.cycle
         if cycle is None or self.state is not State.FORWARD or cycle.response_done:
             return
-        timeout = self.worker.config.upstreams[cycle.upstream_name].read_timeout_s
+        assert cycle.pool is not None
+        timeout = cycle.pool.config.read_timeout_s
         now = self.worker.loop.time()
         if self.client_write_blocked:
             # the client is the slow side: its own send timeout applies, not the upstream's
-            send_timeout = self.listener.config.limits.send_timeout_s
+            send_timeout = cycle.plan.limits.send_timeout_s
             if now - self.blocked_since >= send_timeout:
                 self._drop_upstream(cycle)
                 self._finish_metrics(cycle, cycle.status)
@@ -437,7 +473,7 @@ class ClientProtocol(asyncio.Protocol):
         cycle = self.cycle
         if cycle is None or self.state is not State.FORWARD or cycle.request_done:
             return
-        timeout = self.listener.config.limits.body_timeout_s
+        timeout = cycle.plan.limits.body_timeout_s
         quiet = self.worker.loop.time() - cycle.last_body
         if quiet < timeout:
             self._arm(timeout - quiet, ClientProtocol._on_body_timeout)
@@ -518,7 +554,8 @@ class ClientProtocol(asyncio.Protocol):
                     self._close()  # the client half-closed: nothing more can arrive
                 return
             head_bytes, rest = taken
-            leg = self.worker.leg_class(self.listener.config.limits.max_head_bytes)
+            plan = self.listener.plan
+            leg = self.worker.leg_class(plan.limits.max_head_bytes)
             try:
                 leg.feed_head(head_bytes)
                 if rest:
@@ -529,14 +566,14 @@ class ClientProtocol(asyncio.Protocol):
                 return
             assert isinstance(event, RequestHead)
             self._cancel_timer()
-            cycle = Cycle(leg, event, time.monotonic())
+            cycle = Cycle(leg, event, time.monotonic(), plan)
             self.cycle = cycle
             self._start(cycle)
 
     def _start(self, cycle: Cycle) -> None:
         head = cycle.head
         listener = self.listener
-        lconf = listener.config
+        plan = cycle.plan
         try:
             info = inspect_request(head.headers)
         except RequestRefused as refused:
@@ -544,6 +581,9 @@ class ClientProtocol(asyncio.Protocol):
             self._local_reply(cycle, refused.status, refused.code, close=True)
             return
         cycle.info = info
+        if plan is not self.trust_plan:  # a reload: trusted_proxies may have changed
+            self.trusted = self._is_trusted(plan)
+            self.trust_plan = plan
         trusted = self.trusted
         cycle.request_id = (
             info.request_id
@@ -559,7 +599,7 @@ class ClientProtocol(asyncio.Protocol):
             # every spelling: backends such as Django and Werkzeug upper-case what they get
             self._local_reply(cycle, 400, "bad_method", close=True)
             return
-        if head.method in lconf.refused_methods:
+        if head.method in plan.refused_methods:
             self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
             return
         if info.chunked and head.http_version == b"1.0":
@@ -570,7 +610,7 @@ class ClientProtocol(asyncio.Protocol):
             # A backend that ignores GET/HEAD bodies would read this one as the next request.
             self._local_reply(cycle, 400, "unexpected_body", close=True)
             return
-        decision = listener.table.decide(head.target)
+        decision = plan.table.decide(head.target)
         cycle.decision = decision
         if decision.refusal is not None:
             if decision.refusal is Refusal.ASTERISK_FORM and head.method == b"OPTIONS":
@@ -580,7 +620,8 @@ class ClientProtocol(asyncio.Protocol):
             self._local_reply(cycle, 400, decision.refusal.value, close=True)
             return
         if decision.authority is not None and (
-            info.host is None or not same_authority(decision.authority, info.host, b"80")
+            info.host is None
+            or not same_authority(decision.authority, info.host, plan.default_port)
         ):
             self._local_reply(cycle, 400, "bad_host", close=True)
             return
@@ -601,7 +642,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
             cycle.websocket = True
         if action is Action.DENY:
-            if lconf.mode is Mode.REPORT:
+            if plan.report:
                 cycle.verdict = "would_deny"
                 if logger.isEnabledFor(logging.INFO):
                     logger.info(
@@ -624,29 +665,30 @@ class ClientProtocol(asyncio.Protocol):
         if info.content_length is not None and info.content_length > rule.max_body_bytes:
             self._local_reply(cycle, 413, "body_too_large", close=True)
             return
-        upstream_name = rule.upstream or lconf.upstream
+        upstream_name = rule.upstream or plan.upstream
         cycle.upstream_name = upstream_name
+        pool = self.worker.pools[upstream_name]
+        cycle.pool = pool
         host = info.host
         if host is None:
-            server = listener.pools[upstream_name].servers[0]
-            host = server.label.encode()
+            host = pool.servers[0].label.encode()
         headers = upstream_headers(
             head.headers,
             info,
             host=host,
             client_ip=self.peer,
             trusted=trusted,
-            proto=b"http",
+            proto=plan.scheme,
             request_id=cycle.request_id,
-            keep=lconf.keep_headers,
+            keep=plan.keep_headers,
             websocket=cycle.websocket,
-            forwarded=lconf.forwarded_header,
+            forwarded=plan.forwarded_header,
         )
         cycle.sent_head = (head.method, decision.target, headers)
         self._acquire(cycle, fresh=False)
 
-    def _is_trusted(self) -> bool:
-        networks = self.listener.config.trusted_proxies
+    def _is_trusted(self, plan: ListenerPlan) -> bool:
+        networks = plan.config.trusted_proxies
         if not networks:
             return False
         try:
@@ -657,7 +699,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def _acquire(self, cycle: Cycle, *, fresh: bool) -> None:
         self.state = State.UPSTREAM
-        pool = self.listener.pools[cycle.upstream_name]
+        pool = cycle.pool
+        assert pool is not None
         conn = pool.acquire(self, fresh=fresh)
         if conn is not None:
             self.on_upstream_ready(conn)
@@ -681,16 +724,15 @@ class ClientProtocol(asyncio.Protocol):
         if cycle.request_done:
             # a retry: the body-less request was read completely on the first attempt
             conn.write(conn.leg.end())
-            upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
-            self._arm(upstream_conf.first_byte_timeout_s, ClientProtocol._on_upstream_timeout)
+            self._arm(
+                conn.server.pool.config.first_byte_timeout_s, ClientProtocol._on_upstream_timeout
+            )
             return
         self._pump_request()
         if self.state is State.FORWARD:
             if not cycle.request_done:
                 cycle.last_body = self.worker.loop.time()
-                self._arm(
-                    self.listener.config.limits.body_timeout_s, ClientProtocol._on_body_timeout
-                )
+                self._arm(cycle.plan.limits.body_timeout_s, ClientProtocol._on_body_timeout)
             self._update_reading()
 
     def on_upstream_failed(self, code: str) -> None:
@@ -801,9 +843,9 @@ class ClientProtocol(asyncio.Protocol):
                 conn.write(conn.leg.end())
                 cycle.request_done = True
                 if not cycle.response_started:
-                    upstream_conf = self.worker.config.upstreams[cycle.upstream_name]
                     self._arm(
-                        upstream_conf.first_byte_timeout_s, ClientProtocol._on_upstream_timeout
+                        conn.server.pool.config.first_byte_timeout_s,
+                        ClientProtocol._on_upstream_timeout,
                     )
                 if cycle.response_done:
                     self._finish_cycle(cycle)
@@ -851,7 +893,7 @@ class ClientProtocol(asyncio.Protocol):
             if event is not Ev.END:
                 if cycle.response_started and self.timer is None and self.state is State.FORWARD:
                     self._arm(
-                        self.worker.config.upstreams[cycle.upstream_name].read_timeout_s,
+                        conn.server.pool.config.read_timeout_s,
                         ClientProtocol._on_upstream_read_timeout,
                     )
                 return  # NEED_DATA, PAUSED, SWITCHED
@@ -922,8 +964,10 @@ class ClientProtocol(asyncio.Protocol):
         self.state = State.TUNNEL
         self.tunnel_upstream = conn
         self.listener.ws_gauge.inc()
-        limits = self.listener.config.limits
-        if self.listener.config.websocket_mode is WebSocketMode.VALIDATE:
+        plan = cycle.plan
+        limits = plan.limits
+        self.tunnel_limits = limits
+        if plan.validate_frames:
             self.relay = WebSocketRelay(limits.ws_max_message_bytes)
         self._update_reading_tunnel()
         self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
@@ -949,7 +993,7 @@ class ClientProtocol(asyncio.Protocol):
         self.cycle = None
         if self.transport is None or self.state is State.CLOSED:
             return
-        if not cycle.leg.keep_alive or self.worker.draining:
+        if not cycle.leg.keep_alive or self.worker.draining or self.listener.retired:
             self._close()
             return
         self._read_next(cycle)
@@ -961,9 +1005,15 @@ class ClientProtocol(asyncio.Protocol):
         """Hand the bytes after ``cycle`` back to the scanner and wait for the next head."""
         rest = cycle.leg.trailing
         self.state = State.HEAD
+        plan = self.listener.plan
+        limits = plan.limits
+        if plan is not cycle.plan:  # a reload: the next head is read with the new limits
+            scanner = self.scanner
+            scanner.max_head_bytes = limits.max_head_bytes
+            scanner.max_headers = limits.max_headers
+            scanner.max_uri_bytes = limits.max_uri_bytes
         if rest:
             self.scanner.feed(rest)
-        limits = self.listener.config.limits
         if len(self.scanner):
             self._arm(limits.header_timeout_s, ClientProtocol._on_head_timeout)
         elif self.client_eof:
@@ -1161,9 +1211,9 @@ class ClientProtocol(asyncio.Protocol):
         self._close(abort=True)
 
     def _on_ws_tick(self) -> None:
-        if self.state is not State.TUNNEL:
+        limits = self.tunnel_limits
+        if self.state is not State.TUNNEL or limits is None:
             return
-        limits = self.listener.config.limits
         now = time.monotonic()
         if self.ws_active:
             self.ws_active = False
@@ -1190,6 +1240,11 @@ class ClientProtocol(asyncio.Protocol):
         self.listener.ws_gauge.dec()
         conn.server.pool.discard(conn)
 
+    def go_idle_away(self) -> None:
+        """The listener was removed: close now if idle; otherwise after the current request."""
+        if self.state is State.HEAD and len(self.scanner) == 0:
+            self._close()
+
     def go_away(self) -> None:
         """Shutdown: close an idle connection now, a tunnel with 1001, others after the reply."""
         if self.state is State.HEAD and len(self.scanner) == 0:
@@ -1209,21 +1264,23 @@ def run(
     config: Config,
     sockets: Mapping[str, socket.socket],
     admin_socket: socket.socket | None,
-    heartbeat_fd: int,
+    channel_fd: int,
     generation: int = 1,
 ) -> None:
     """Serve ``sockets`` (listener name -> bound, listening socket) until SIGTERM has drained.
 
-    ``heartbeat_fd`` is the worker's end of the control channel (``control``): one heartbeat
-    about every second from the event loop, the first meaning "accepting". ``generation`` is
-    the configuration generation ``config`` is. Raises if the worker cannot start.
+    ``channel_fd`` is the worker's end of the control channel (``control``): one heartbeat
+    about every second from the event loop, the first meaning "accepting"; reload messages
+    come the other way. ``config`` is configuration ``generation``. Raises if the worker cannot
+    start.
     """
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    snapshot = Snapshot.build(config, generation)
     try:
-        loop.run_until_complete(_serve(config, sockets, admin_socket, heartbeat_fd, loop))
+        loop.run_until_complete(_serve(snapshot, sockets, admin_socket, channel_fd, loop))
     finally:
         _flush_access_log()  # a clean stop (or a failure) loses no access record
         loop.close()
@@ -1242,29 +1299,47 @@ def _reopen_logs() -> None:
 
 
 async def _serve(
-    config: Config,
+    snapshot: Snapshot,
     sockets: Mapping[str, socket.socket],
     admin_socket: socket.socket | None,
-    heartbeat_fd: int,
+    channel_fd: int,
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    worker = WorkerState(config, loop)
+    worker = WorkerState(snapshot, loop)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides; Ctrl-C reaches it
     loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
-    servers: list[asyncio.Server] = []
     for name, sock in sockets.items():
-        listener = worker.listeners[name]
-
-        def factory(listener: Listener = listener) -> ClientProtocol:
-            return ClientProtocol(worker, listener)
-
-        servers.append(await loop.create_server(factory, sock=sock, backlog=2048))
+        await _start_listener(worker, worker.listeners[name], sock)
+    admin_server: asyncio.Server | None = None
     if admin_socket is not None:
-        servers.append(
-            await loop.create_server(lambda: admin.AdminProtocol(worker), sock=admin_socket)
+        admin_server = await loop.create_server(
+            lambda: admin.AdminProtocol(worker), sock=admin_socket
         )
+    channel = socket.socket(fileno=channel_fd)
+    channel.setblocking(False)
+    heartbeat_fd = channel.fileno()
+    reloads: list[asyncio.Task[None]] = []
+
+    def on_control() -> None:
+        while True:
+            try:
+                message = control.receive(channel)
+            except BlockingIOError:
+                return
+            except (OSError, control.ControlError) as err:
+                logger.error("control channel failed: %s", err)
+                message = None
+            if message is None:  # the master is gone; PR_SET_PDEATHSIG sends SIGTERM
+                loop.remove_reader(heartbeat_fd)
+                return
+            if isinstance(message, control.Reload):
+                task = loop.create_task(_reload(worker, message, channel))
+                reloads.append(task)
+                task.add_done_callback(reloads.remove)
+
+    loop.add_reader(heartbeat_fd, on_control)
 
     def heartbeat() -> None:
         with contextlib.suppress(BlockingIOError):  # the master is behind; it sees the next byte
@@ -1278,14 +1353,18 @@ async def _serve(
 
     heartbeat()
     await stop.wait()
+    loop.remove_reader(heartbeat_fd)
     # Drain: stop accepting, let in-flight requests finish, close idle keep-alives.
     worker.draining = True
-    for server in servers:
-        server.close()
-    deadline = loop.time() + config.graceful_timeout_s
+    for listener in worker.listeners.values():
+        if listener.server is not None:
+            listener.server.close()
+    if admin_server is not None:
+        admin_server.close()
+    deadline = loop.time() + worker.config.graceful_timeout_s
     while loop.time() < deadline:
         busy = False
-        for listener in worker.listeners.values():
+        for listener in worker.every_listener():
             for conn in list(listener.connections):
                 conn.go_away()
                 busy = busy or conn.state is not State.CLOSED
@@ -1297,7 +1376,7 @@ async def _serve(
         _flush_access_log()
     for pool in worker.pools.values():
         pool.close_all()
-    for listener in worker.listeners.values():
+    for listener in worker.every_listener():
         for conn in list(listener.connections):
             transport = conn.transport
             # abort what is still busy, or still flushing to a client that does not read
@@ -1306,3 +1385,76 @@ async def _serve(
             ):
                 conn._close(abort=True)
     await asyncio.sleep(0)
+
+
+async def _start_listener(worker: WorkerState, listener: Listener, sock: socket.socket) -> None:
+    def factory() -> ClientProtocol:
+        return ClientProtocol(worker, listener)
+
+    listener.server = await worker.loop.create_server(factory, sock=sock, backlog=2048)
+
+
+async def _reload(worker: WorkerState, message: control.Reload, channel: socket.socket) -> None:
+    """Apply configuration generation ``message.generation`` in place, then acknowledge it."""
+    error = None
+    try:
+        await apply_reload(worker, message)
+    except (FastproxyError, OSError, ValueError) as err:
+        error = str(err)
+        logger.error("generation %d not applied: %s", message.generation, err)
+    else:
+        logger.info("worker %d applied generation %d", os.getpid(), message.generation)
+    try:
+        control.send_ack(channel, control.Ack(message.generation, error))
+    except OSError as err:  # the master is gone or stuck; its own checks take over
+        logger.warning("cannot acknowledge generation %d: %s", message.generation, err)
+
+
+async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
+    """Swap in the new snapshot between requests; no connection or WebSocket is closed.
+
+    Requests under way keep the plan and the pool they started with. Listeners the generation
+    removes stop accepting and their connections end after their current request (a WebSocket
+    runs on until it closes); added listeners start on the sockets the master bound. An
+    upstream whose spec changed gets a new pool; the old one retires as its connections come
+    back.
+    """
+    sockets = dict(message.sockets)
+    try:
+        config = parse_config(tomllib.loads(message.config), message.source)
+        snapshot = Snapshot.build(config, message.generation)
+    except tomllib.TOMLDecodeError as err:
+        for sock in sockets.values():
+            sock.close()
+        raise ConfigError(f"the configuration sent is not TOML: {err}", where="") from err
+    except ConfigError:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    changes = diff(worker.snapshot, snapshot)
+    for name in changes.retire:
+        worker.pools.pop(name).retire()
+    for name, spec in snapshot.upstreams.items():
+        if name not in worker.pools:
+            worker.pools[name] = UpstreamPool(spec, worker.loop)
+    for name in changes.close:
+        listener = worker.listeners.pop(name)
+        listener.retired = True
+        worker.retired_listeners.append(listener)
+        if listener.server is not None:
+            listener.server.close()
+        for conn in list(listener.connections):
+            conn.go_idle_away()
+    for name, plan in snapshot.listeners.items():
+        current = worker.listeners.get(name)
+        if current is not None:
+            current.plan = plan
+            continue
+        if name not in sockets:
+            raise ConfigError(f"no socket was sent for listener {name}", where="")
+        added = worker.listeners[name] = Listener(plan, worker.metrics)
+        await _start_listener(worker, added, sockets.pop(name))
+    for sock in sockets.values():
+        sock.close()
+    worker.leg_class = leg_class_for(snapshot.http_parser)
+    worker.snapshot = snapshot

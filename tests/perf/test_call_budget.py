@@ -57,6 +57,7 @@ import wsproto
 import fastproxy
 from fastproxy import metrics, worker
 from fastproxy.config import parse_config
+from fastproxy.runtime import Snapshot
 
 #: requests sent before counting: the pool connects, caches fill
 WARMUP = 50
@@ -180,7 +181,7 @@ async def scenario(http_parser: str) -> Counts:
         },
         "perf.toml",
     )
-    state = worker.WorkerState(config, loop)
+    state = worker.WorkerState(Snapshot.build(config, 1), loop)
     sock = socket.create_server(("127.0.0.1", 0))
     sock.setblocking(False)
     server = await loop.create_server(

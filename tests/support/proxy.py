@@ -138,6 +138,8 @@ class RunningProxy:
     stdout_path: Path
     stderr_path: Path
     returncode: int | None = field(default=None)
+    #: the document the config file was written from (binds filled in)
+    document: dict[str, object] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -191,6 +193,37 @@ class RunningProxy:
             if time.monotonic() > deadline:
                 raise ProxyStartError(f"/livez not 200 after {timeout} s\n{self.output()}")
             time.sleep(0.1)
+
+    def reload(self, document: TomlTable | None = None, *, text: str | None = None) -> None:
+        """Write a new config file (a document, or raw text) and send SIGHUP to the master."""
+        if document is not None:
+            self.document = merge(document, {})
+            text = to_toml(document)
+        assert text is not None
+        self.config_path.write_text(text)
+        self.config_text = text
+        self.process.send_signal(signal.SIGHUP)
+
+    def messages(self) -> list[str]:
+        """The ``msg`` of every JSON log line on stderr so far."""
+        found = []
+        with contextlib.suppress(OSError):
+            for line in self.stderr_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and isinstance(record.get("msg"), str):
+                        found.append(record["msg"])
+        return found
+
+    def wait_for_message(self, text: str, *, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until ``count`` log messages contain ``text``."""
+        deadline = time.monotonic() + timeout
+        while sum(text in m for m in self.messages()) < count:
+            if not self.alive():
+                raise AssertionError(f"fastproxy exited waiting for {text!r}\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log message {text!r} after {timeout} s\n{self.output()}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM the master by PID and wait; SIGKILL it (and its workers) if it hangs."""
@@ -289,7 +322,9 @@ class ProxyFactory:
                 cwd=self.directory,
                 env=env,
             )
-        proxy = RunningProxy(process, config_path, text, ports, stdout_path, stderr_path)
+        proxy = RunningProxy(
+            process, config_path, text, ports, stdout_path, stderr_path, document=document
+        )
         self.started.append(proxy)
         if wait:
             proxy.wait_live()

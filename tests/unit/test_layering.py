@@ -30,6 +30,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         {
             "admin",
             "config",
+            "control",
             "deadlines",
             "errors",
             "log",
@@ -38,6 +39,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "http1_httptools",
             "metrics",
             "policy",
+            "runtime",
             "upstream",
             "wsrelay",
         },

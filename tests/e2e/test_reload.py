@@ -1,0 +1,169 @@
+"""SIGHUP reload (``systemctl reload``): the new configuration applied inside the live workers.
+
+Counts, not timings: no connection or WebSocket is closed, no request fails, the worker PIDs
+stay the same unless ``workers`` changes, and every route is in force after its reload. The
+parser cannot matter here, so these run on the default one only.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.client import HttpConnection, WebSocketClient, get
+from support.proxy import ProxyFactory, RunningProxy, free_port, merge
+from support.upstream import RecordingUpstream
+
+pytestmark = pytest.mark.e2e
+
+EXTRA_RULE = {"rules": {"extra": {"prefix": "/extra", "action": "forward"}}}
+
+
+@pytest.fixture
+def factory(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
+    made = ProxyFactory(tmp_path, [upstream.address])
+    try:
+        yield made
+    finally:
+        made.stop_all()
+
+
+def _start(factory: ProxyFactory, workers: int = 2) -> RunningProxy:
+    return factory(
+        overrides={
+            "workers": workers,
+            "policies": {"sdk-plus": {"extends": "cobrowse-sdk"}},
+            "listeners": {"sdk": {"policy": "sdk-plus"}},
+        }
+    )
+
+
+def _metric(proxy: RunningProxy, line_start: str) -> float:
+    text = get(proxy.admin_port, "/metrics").body.decode()
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(line_start)]
+    assert len(values) == 1, (line_start, text)
+    return float(values[0])
+
+
+def test_reload_applies_routes_without_closing_anything(factory: ProxyFactory) -> None:
+    proxy = _start(factory)
+    pids = sorted(proxy.worker_pids())
+    assert len(pids) == 2
+    with (
+        HttpConnection(proxy.sdk_port) as kept,
+        WebSocketClient(proxy.sdk_port, "/sockets/1/x") as ws,
+    ):
+        assert kept.get("/api/1/devices").status == 200
+        assert kept.get("/extra").status == 403
+        ws.send_text("before")
+        assert ws.recv() == "before"
+
+        proxy.reload(merge(proxy.document, {"policies": {"sdk-plus": EXTRA_RULE}}))
+        proxy.wait_for_message("generation 2 applied by every worker")
+
+        # the same keep-alive connection: its next request follows the new routes
+        assert kept.get("/extra").status == 200
+        assert get(proxy.sdk_port, "/extra").status == 200
+        ws.send_text("after")
+        assert ws.recv() == "after"
+
+        # and back: the route is gone again
+        proxy.reload(merge(proxy.document, {"policies": {"sdk-plus": {"rules": {}}}}))
+        document = merge(proxy.document, {})
+        policies = document["policies"]
+        assert isinstance(policies, dict)
+        policies["sdk-plus"] = {"extends": "cobrowse-sdk"}
+        proxy.reload(document)
+        proxy.wait_for_message("generation 3 applied by every worker")
+        assert kept.get("/extra").status == 403
+        ws.send_text("still")
+        assert ws.recv() == "still"
+    assert sorted(proxy.worker_pids()) == pids
+    assert _metric(proxy, 'fastproxy_reloads_total{result="ok"}') >= 2
+    assert _metric(proxy, "fastproxy_config_last_reload_successful") == 1
+
+
+def test_reload_of_an_invalid_file_changes_nothing(factory: ProxyFactory) -> None:
+    proxy = _start(factory)
+    good = merge(proxy.document, {})
+    with HttpConnection(proxy.sdk_port) as kept:
+        assert kept.get("/api/1/devices").status == 200
+        proxy.reload(text=proxy.config_text.replace('policy = "sdk-plus"', 'policy = "nope"'))
+        proxy.wait_for_message("reload failed, still serving generation 1")
+        [message] = [m for m in proxy.messages() if "reload failed" in m]
+        # the message fastproxy check prints: the file, the key and the value
+        assert f'{proxy.config_path}: listeners.sdk.policy: unknown policy, got "nope"' in message
+        assert kept.get("/api/1/devices").status == 200
+        assert _metric(proxy, 'fastproxy_reloads_total{result="failed"}') == 1
+        assert _metric(proxy, "fastproxy_config_last_reload_successful") == 0
+
+        proxy.reload(text="this is = = not TOML")
+        proxy.wait_for_message("reload failed, still serving generation 1", count=2)
+        assert kept.get("/api/1/devices").status == 200
+
+        proxy.reload(merge(good, {"policies": {"sdk-plus": EXTRA_RULE}}))
+        proxy.wait_for_message("generation 2 applied by every worker")
+        assert kept.get("/extra").status == 200
+    assert _metric(proxy, "fastproxy_config_last_reload_successful") == 1
+
+
+def test_reload_lets_a_request_in_flight_finish(factory: ProxyFactory) -> None:
+    proxy = _start(factory)
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(get(proxy.sdk_port, "/api/1/devices?delay=1.0").status)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)  # the request is at the upstream
+    proxy.reload(merge(proxy.document, {"policies": {"sdk-plus": EXTRA_RULE}}))
+    proxy.wait_for_message("generation 2 applied by every worker")
+    thread.join(timeout=30)
+    assert results == [200]
+
+
+def test_reload_adds_and_removes_a_listener(factory: ProxyFactory) -> None:
+    proxy = _start(factory, workers=1)
+    port = free_port()
+    added = merge(
+        proxy.document,
+        {"listeners": {"more": {"bind": f"127.0.0.1:{port}", "policy": "cobrowse-agent"}}},
+    )
+    proxy.reload(added)
+    proxy.wait_for_message("generation 2 applied by every worker")
+    response = get(port, "/some/page?q=1")
+    assert response.status == 200
+    with HttpConnection(proxy.sdk_port) as kept:
+        assert kept.get("/api/1/devices").status == 200
+        removed = merge(proxy.document, {})
+        listeners = removed["listeners"]
+        assert isinstance(listeners, dict)
+        del listeners["more"]
+        proxy.reload(removed)
+        proxy.wait_for_message("generation 3 applied by every worker")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert kept.get("/api/1/devices").status == 200  # other listeners are untouched
+
+
+def test_reload_changes_the_number_of_workers(factory: ProxyFactory) -> None:
+    proxy = _start(factory, workers=1)
+    [first] = proxy.worker_pids()
+    proxy.reload(merge(proxy.document, {"workers": 3}))
+    proxy.wait_for_message("generation 2 applied by every worker")
+    proxy.wait_for_message("all 3 workers ready")
+    assert len(proxy.worker_pids()) == 3
+    assert first in proxy.worker_pids()
+    proxy.reload(merge(proxy.document, {"workers": 1}))
+    proxy.wait_for_message("generation 3 applied by every worker")
+    deadline = time.monotonic() + 30
+    while len(proxy.worker_pids()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(proxy.worker_pids()) == 1
+    assert get(proxy.sdk_port, "/api/1/devices").status == 200
+    assert not any("respawning" in m for m in proxy.messages())
