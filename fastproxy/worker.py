@@ -933,6 +933,12 @@ class ClientProtocol(asyncio.Protocol):
         cycle.upstream = None
         self.upstream_write_blocked = False
         if conn is not None:
+            if conn.leg.trailing:
+                # Bytes after a complete response, found once it was relayed: the upstream is
+                # out of step (a second response appended). The pool drops the connection, and
+                # this client's connection ends with this response, so nothing read after it
+                # can ever be taken for the answer to a later request.
+                cycle.leg.close_after_response()
             conn.server.pool.release(conn)
         self._finish_metrics(cycle, cycle.status)
         self._next_cycle(cycle)
