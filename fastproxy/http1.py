@@ -591,6 +591,12 @@ class ClientLeg:
     def response_started(self) -> bool:
         return self._body is not None
 
+    def discard_response_head(self) -> None:
+        """Forget the head ``response_head`` returned: it was never written (the upstream broke
+        in the same read), so a reply of fastproxy's own can take its place."""
+        self._body = None
+        self._remaining = 0
+
     def close_after_response(self) -> None:
         """End the connection after this response even though its head did not say so (RFC 9112
         9.5: a client, server or proxy may close a connection at any time)."""
@@ -757,6 +763,7 @@ class UpstreamLeg:
         "_trailer_left",
         "copied",
         "declared_length",
+        "overrun",
         "received_any",
     )
 
@@ -778,6 +785,8 @@ class UpstreamLeg:
         self.declared_length: int | None = None
         #: bytes arrived since the last request was sent (a close before any is a stale pool)
         self.received_any = False
+        #: bytes came after the complete response: the upstream is out of step
+        self.overrun = False
         #: bytes moved between buffers (the linear-time guard reads it)
         self.copied = 0
 
@@ -812,6 +821,8 @@ class UpstreamLeg:
 
     def feed(self, data: bytes) -> None:
         self.received_any = True
+        if self._state is _Up.DONE:
+            self.overrun = True
         buf = self._buf
         if not buf:
             self._buf = data
@@ -845,6 +856,7 @@ class UpstreamLeg:
                     return buf[pos:]  # the received object itself when pos is 0
                 return _slice(buf, pos, pos + size)
             # bytes after the body: kept as ``trailing`` (the connection is not reused)
+            self.overrun = True
             self._pos = pos + remaining
             self._remaining = 0
             return _slice(buf, pos, pos + remaining)
@@ -1080,6 +1092,8 @@ class UpstreamLeg:
             if pos >= end:
                 self._buf = b""
                 pos = 0
+            elif ended:
+                self.overrun = True  # bytes after the last chunk's empty line
             self._pos = pos
             self._state = state
         if spans:
@@ -1105,6 +1119,7 @@ class UpstreamLeg:
         self._scanned = 0
         self.declared_length = None
         self.received_any = False
+        self.overrun = False
 
     @property
     def idle(self) -> bool:

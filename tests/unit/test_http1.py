@@ -601,6 +601,37 @@ def test_upstream_leg_trailing_after_a_chunked_response() -> None:
     assert leg.next_event() == b"ok"
     assert leg.next_event() is Ev.END
     assert leg.trailing == b"HTTP/1.1 200 OK\r\n"
+    assert leg.overrun
+
+
+@pytest.mark.parametrize("late", [b"", b"X"])
+def test_upstream_leg_overrun_marks_bytes_after_the_response(late: bytes) -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(_chunked(b"2\r\nok\r\n0\r\n\r\n"))
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() == b"ok"
+    assert leg.next_event() is Ev.END
+    assert not leg.overrun
+    if late:
+        leg.feed(late)  # a later read, after the response ended
+        assert leg.next_event() is Ev.PAUSED
+    assert leg.overrun == bool(late)
+    leg.start_next_cycle()
+    assert not leg.overrun
+
+
+def test_client_leg_discarded_head_leaves_the_response_unstarted() -> None:
+    leg = _server_leg(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    leg.response_head_lines(200, [], length=5)
+    assert leg.response_started
+    leg.discard_response_head()
+    assert not leg.response_started
+    leg.close_after_response()
+    leg.response_head_lines(502, [], length=0)
+    leg.end()
+    assert not leg.keep_alive
 
 
 def test_upstream_leg_reads_a_head_dripped_byte_by_byte() -> None:
