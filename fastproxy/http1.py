@@ -18,7 +18,16 @@ Content-Length and body bytes pass through untouched, a chunked or close-delimit
 chunked for HTTP/1.1 clients. Heads are serialised once, with one ``join``.
 
 Upstream leg. One ``UpstreamLeg`` per upstream TCP connection, reused across cycles while both
-sides keep it alive: fastproxy's own request serialiser and a small strict response reader.
+sides keep it alive: fastproxy's own request serialiser and a small strict response reader that
+holds responses to the standard of requests (502 for any framing two readers could take two
+ways, before anything of the response is relayed).
+
+Linear reading. Every reader consumes its buffer at an offset: a read is kept as the ``bytes``
+object received, and only the rare read that ends inside a line or head starts a ``bytearray``,
+compacted only when its consumed part is the larger (as h11's ``_receivebuffer`` does). No
+reader re-slices what is left per element, and the data of all the chunks one read holds is one
+body event, so the cost is linear in the bytes received whatever their shape; the readers count
+the bytes they copy (``copied``) for ``tests/perf/test_linear.py``.
 
 Events are returned, never raised: ``next_event`` returns a head object, body ``bytes``, or an
 ``Ev`` member. Peer errors are raised as ``RequestRefused`` (client leg) or ``UpstreamBroken``
