@@ -18,7 +18,16 @@ Content-Length and body bytes pass through untouched, a chunked or close-delimit
 chunked for HTTP/1.1 clients. Heads are serialised once, with one ``join``.
 
 Upstream leg. One ``UpstreamLeg`` per upstream TCP connection, reused across cycles while both
-sides keep it alive: fastproxy's own request serialiser and a small strict response reader.
+sides keep it alive: fastproxy's own request serialiser and a small strict response reader that
+holds responses to the standard of requests (502 for any framing two readers could take two
+ways, before anything of the response is relayed).
+
+Linear reading. Every reader consumes its buffer at an offset: a read is kept as the ``bytes``
+object received, and only the rare read that ends inside a line or head starts a ``bytearray``,
+compacted only when its consumed part is the larger (as h11's ``_receivebuffer`` does). No
+reader re-slices what is left per element, and the data of all the chunks one read holds is one
+body event, so the cost is linear in the bytes received whatever their shape; the readers count
+the bytes they copy (``copied``) for ``tests/perf/test_linear.py``.
 
 Events are returned, never raised: ``next_event`` returns a head object, body ``bytes``, or an
 ``Ev`` member. Peer errors are raised as ``RequestRefused`` (client leg) or ``UpstreamBroken``
@@ -61,16 +70,63 @@ class UpstreamBroken(Exception):
 # Client leg
 
 
+def _append(buf: bytes | bytearray, pos: int, data: bytes) -> tuple[bytearray, int, int]:
+    """``data`` appended to the unread part ``buf[pos:]`` of a reader's buffer, for the rare read
+    that does not start at a boundary: ``(buffer, new pos, bytes copied)``.
+
+    The unread bytes of a received ``bytes`` object are copied once into a ``bytearray``, which
+    then grows in place. Its consumed front is dropped only when it is larger than the rest (as
+    h11's ``_receivebuffer`` compacts), so each byte is moved a bounded number of times however
+    the input is cut: a reader stays linear in the bytes it is given.
+    """
+    if type(buf) is bytes:
+        grown = bytearray(memoryview(buf)[pos:])
+        copied = len(grown) + len(data)
+        grown += data
+        return grown, 0, copied
+    assert isinstance(buf, bytearray)
+    copied = len(data)
+    if pos > len(buf) - pos:
+        del buf[:pos]
+        copied += len(buf)
+        pos = 0
+    buf += data
+    return buf, pos, copied
+
+
+def _slice(buf: bytes | bytearray, start: int, stop: int) -> bytes:
+    """``bytes`` of ``buf[start:stop]``: events are always ``bytes``, even from a ``bytearray``."""
+    if type(buf) is bytes:
+        return buf[start:stop]
+    with memoryview(buf) as view:
+        return bytes(view[start:stop])
+
+
+def _join(buf: bytes | bytearray, spans: list[int]) -> bytes:
+    """The bytes of several ``start, stop`` spans of ``buf``, copied once into one object."""
+    if len(spans) == 2:
+        return _slice(buf, spans[0], spans[1])
+    with memoryview(buf) as view:
+        return b"".join([view[spans[i] : spans[i + 1]] for i in range(0, len(spans), 2)])
+
+
+#: blank lines skipped at once before a request line (a client may send many)
+_CRLF_BLOCK = b"\r\n" * 512
+
+
 class HeadScanner:
     """Find and check the next request head in the client's byte stream.
 
     The scan resumes where it stopped, so a client dripping one byte at a time costs O(n),
     not O(n^2) (the trick of h11's ``_receivebuffer``). The buffer is the received ``bytes``
     object itself until a second piece arrives (a head read whole is never copied) and only
-    then a ``bytearray``; an idle connection holds the shared empty ``b""``.
+    then a ``bytearray`` that grows in place; an idle connection holds the shared empty ``b""``.
+    Blank lines before a request line are skipped by moving an offset, never by re-slicing the
+    buffer, so megabytes of CRLF cost one pass. ``copied`` counts the bytes moved between
+    buffers (the linear-time guard in ``tests/perf/test_linear.py`` reads it).
     """
 
-    __slots__ = ("_buf", "_scanned", "max_head_bytes", "max_headers", "max_uri_bytes")
+    __slots__ = ("_buf", "_scanned", "copied", "max_head_bytes", "max_headers", "max_uri_bytes")
 
     def __init__(self, max_head_bytes: int, max_headers: int, max_uri_bytes: int) -> None:
         self._buf: bytes | bytearray = b""
@@ -78,6 +134,7 @@ class HeadScanner:
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
         self.max_uri_bytes = max_uri_bytes
+        self.copied = 0
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -86,10 +143,9 @@ class HeadScanner:
         buf = self._buf
         if not buf:
             self._buf = data
-        elif type(buf) is bytes:
-            self._buf = bytearray(buf) + data
         else:
-            buf += data
+            self._buf, _pos, copied = _append(buf, 0, data)
+            self.copied += copied
 
     def maybe_take_head(self) -> tuple[bytes, bytes] | None:
         """Return ``(head, rest)`` once a whole head is buffered, else None.
@@ -99,13 +155,13 @@ class HeadScanner:
         """
         buf = self._buf
         # RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request-line.
-        while buf[:2] == b"\r\n":
-            buf = self._buf = buf[2:]
-            self._scanned = max(0, self._scanned - 2)
+        if buf[:2] == b"\r\n":
+            buf = self._skip_blank_lines()
         end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
-            self._check_partial()
-            self._scanned = len(buf)
+            if buf:
+                self._check_partial()
+                self._scanned = len(buf)
             return None
         end += 4
         if end > self.max_head_bytes:
@@ -114,12 +170,33 @@ class HeadScanner:
             head = buf[:end]  # the very object received when it is exactly one head
             rest = buf[end:]
         else:
-            head = bytes(buf[:end])
-            rest = bytes(buf[end:])
+            head = _slice(buf, 0, end)
+            rest = _slice(buf, end, len(buf))
         self._buf = b""
         self._scanned = 0
         self._check_head(head)
         return head, rest
+
+    def _skip_blank_lines(self) -> bytes | bytearray:
+        """Drop the CRLFs at the start of the buffer: whole blocks first, then pairs, so a flood
+        of blank lines costs a few calls per block, and what follows is copied at most once."""
+        buf = self._buf
+        start = 0
+        while buf.startswith(_CRLF_BLOCK, start):
+            start += len(_CRLF_BLOCK)
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        if start == len(buf):
+            self._buf = b""
+        elif type(buf) is bytes:
+            self._buf = buf[start:]
+            self.copied += len(buf) - start
+        else:
+            assert isinstance(buf, bytearray)
+            del buf[:start]
+            self.copied += len(buf)
+        self._scanned = 0
+        return self._buf
 
     def _check_partial(self) -> None:
         """Refuse a bare CR or LF in the newly arrived bytes at once, instead of waiting for a
@@ -244,9 +321,11 @@ class ClientLeg:
         "_client_close",
         "_head",
         "_head_request",
+        "_pos",
         "_remaining",
         "_req",
         "_sent_end",
+        "copied",
     )
 
     def __init__(self) -> None:
@@ -259,7 +338,11 @@ class ClientLeg:
         self._head: RequestHead | None = None
         self._req = _Req.HEAD
         self._body_left = 0
-        self._buf = b""
+        # unread request bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        #: bytes moved between buffers (the linear-time guard reads it)
+        self.copied = 0
 
     # -- request side: the head is parsed by each parser, the body read here
 
@@ -296,14 +379,20 @@ class ClientLeg:
 
     def feed(self, data: bytes) -> None:
         """Bytes after the head: body, or the following requests."""
-        self._buf = self._buf + data if self._buf else data
+        buf = self._buf
+        if not buf:
+            self._buf = data
+        else:
+            self._buf, self._pos, copied = _append(buf, self._pos, data)
+            self.copied += copied
 
     def next_event(self) -> RequestHead | bytes | Ev:
         """The next request event; raise ``RequestRefused`` on a protocol violation.
 
         The body reader is strict and the same for every parser: Content-Length, or ``chunked``
-        with CRLF line ends only, bounded chunk-size lines and no trailer fields. Body bytes are
-        slices of what was fed, never copied into a buffer of their own.
+        with CRLF line ends only, bounded chunk-size lines and no trailer fields. It reads at an
+        offset into what was fed, never re-slicing the rest, and returns the data of all the
+        chunks one read holds as one event: the worker writes once per read, not per chunk.
         """
         if self._head is not None:
             head, self._head = self._head, None
@@ -317,65 +406,89 @@ class ClientLeg:
             buf = self._buf
             if not buf:
                 return Ev.NEED_DATA
-            if len(buf) <= remaining:
-                self._body_left = remaining - len(buf)
+            pos = self._pos
+            size = len(buf) - pos
+            if size <= remaining:
+                self._body_left = remaining - size
                 self._buf = b""
-                return buf
-            self._buf = buf[remaining:]
+                self._pos = 0
+                return buf if not pos and type(buf) is bytes else _slice(buf, pos, len(buf))
+            self._pos = pos + remaining
             self._body_left = 0
-            return buf[:remaining]
-        if state is _Req.CHUNK_DATA:
-            buf = self._buf
-            if not buf:
-                return Ev.NEED_DATA
-            remaining = self._body_left
-            if len(buf) < remaining:
-                self._body_left = remaining - len(buf)
-                self._buf = b""
-                return buf
-            self._buf = buf[remaining:]
-            self._req = _Req.CHUNK_END
-            return buf[:remaining]
+            return _slice(buf, pos, pos + remaining)
         if state is _Req.DONE:
             return Ev.PAUSED
         if state is _Req.HEAD:
             return Ev.NEED_DATA  # no head fed yet
-        return self._read_chunk_lines()
+        return self._read_chunked()
 
-    def _read_chunk_lines(self) -> bytes | Ev:
-        while True:
-            buf = self._buf
-            line_end = buf.find(b"\r\n")
-            if line_end < 0:
-                if len(buf) > MAX_CHUNK_LINE_BYTES or b"\n" in buf:
-                    raise RequestRefused(400, "bad_request", "bad chunk framing line")
-                return Ev.NEED_DATA
-            line = buf[:line_end]
-            self._buf = buf[line_end + 2 :]
-            if line_end > MAX_CHUNK_LINE_BYTES or b"\n" in line or b"\r" in line:
-                raise RequestRefused(400, "bad_request", "bad chunk framing line")
-            state = self._req
-            if state is _Req.CHUNK_END:
-                if line:
-                    raise RequestRefused(400, "bad_request", "chunk data longer than its size")
-                self._req = _Req.CHUNK_SIZE
-                continue
-            if state is _Req.LAST:
-                if line:
-                    raise RequestRefused(400, "bad_request", "trailer fields in a request")
-                self._req = _Req.DONE
-                return Ev.END
-            try:
-                size = parse_chunk_size(line)
-            except ValueError as exc:
-                raise RequestRefused(400, "bad_request", str(exc)) from exc
-            if size:
-                self._body_left = size
-                self._req = _Req.CHUNK_DATA
-                event = self.next_event()
-                assert not isinstance(event, RequestHead)
-                return event
-            self._req = _Req.LAST
+    def _read_chunked(self) -> bytes | Ev:
+        """Walk the chunks in the buffer from ``_pos``: sizes, data, CRLFs, the last chunk."""
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        state = self._req
+        spans: list[int] = []
+        ended = False
+        try:
+            while pos < end:
+                if state is _Req.CHUNK_DATA:
+                    left = self._body_left
+                    if end - pos < left:
+                        spans += (pos, end)
+                        self._body_left = left - (end - pos)
+                        pos = end
+                        break
+                    spans += (pos, pos + left)
+                    pos += left
+                    state = _Req.CHUNK_END
+                    continue
+                if state is _Req.CHUNK_END:
+                    # RFC 9112 7.1: chunk data is followed by exactly CRLF
+                    if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
+                        raise RequestRefused(400, "bad_request", "chunk data longer than its size")
+                    if end - pos < 2:
+                        break
+                    pos += 2
+                    state = _Req.CHUNK_SIZE
+                    continue
+                # a chunk-size line, or the empty line after the last chunk (no trailers)
+                line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES + 2)
+                if line_end < 0:
+                    if end - pos > MAX_CHUNK_LINE_BYTES + 1 or buf.find(b"\n", pos) >= 0:
+                        raise RequestRefused(400, "bad_request", "bad chunk framing line")
+                    break
+                if state is _Req.LAST:
+                    if line_end != pos:
+                        raise RequestRefused(400, "bad_request", "trailer fields in a request")
+                    pos += 2
+                    ended = True
+                    break
+                try:
+                    size = parse_chunk_size(bytes(buf[pos:line_end]))
+                except ValueError as exc:
+                    raise RequestRefused(400, "bad_request", str(exc)) from exc
+                pos = line_end + 2
+                if size:
+                    self._body_left = size
+                    state = _Req.CHUNK_DATA
+                else:
+                    state = _Req.LAST
+        finally:
+            if pos >= end:
+                self._buf = b""
+                pos = 0
+            self._pos = pos
+            self._req = state
+        if spans:
+            if ended:
+                self._body_left = 0
+                self._req = _Req.LENGTH  # nothing left: the next event is END
+            return _join(buf, spans)
+        if ended:
+            self._req = _Req.DONE
+            return Ev.END
+        return Ev.NEED_DATA
 
     @property
     def request_ended(self) -> bool:
@@ -385,7 +498,10 @@ class ClientLeg:
     @property
     def trailing(self) -> bytes:
         """Bytes received after the request (pipelined requests, or frames after an upgrade)."""
-        return self._buf
+        buf = self._buf
+        if not buf:
+            return b""
+        return buf if not self._pos and type(buf) is bytes else _slice(buf, self._pos, len(buf))
 
     def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self._head_request = method == b"HEAD"
@@ -484,6 +600,17 @@ class ClientLeg:
     def response_started(self) -> bool:
         return self._body is not None
 
+    def discard_response_head(self) -> None:
+        """Forget the head ``response_head`` returned: it was never written (the upstream broke
+        in the same read), so a reply of fastproxy's own can take its place."""
+        self._body = None
+        self._remaining = 0
+
+    def close_after_response(self) -> None:
+        """End the connection after this response even though its head did not say so (RFC 9112
+        9.5: a client, server or proxy may close a connection at any time)."""
+        self._client_close = True
+
     @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another request after this cycle."""
@@ -561,8 +688,13 @@ class ResponseHead:
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _HEX = b"0123456789abcdefABCDEF"
 _DIGITS = b"0123456789"
+#: control characters but HTAB (CR and LF included): RFC 9110 5.5 allows none in a field value,
+#: RFC 9112 4 none in a reason phrase; CR and LF may only end lines
+_CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 #: a response head larger than this is a broken upstream
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+#: trailer fields (read and dropped) are a field section like the head, and bounded like it
+MAX_RESPONSE_TRAILER_BYTES = MAX_RESPONSE_HEAD_BYTES
 _CHUNK_LINE_MAX = 1024
 
 
@@ -570,15 +702,28 @@ _CHUNK_LINE_MAX = 1024
 _CHUNK_EXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
 
 
-def parse_chunk_size(line: bytes) -> int:
+def parse_chunk_size(line: bytes | bytearray) -> int:
     """RFC 9112 7.1: ``chunk-size [ chunk-ext ]`` of a line without its CRLF; or ValueError."""
     size, _, ext = line.partition(b";")
     size = size.rstrip(b" \t")  # BWS before a chunk extension
     if not size or size.strip(_HEX) or len(size) > 16:
-        raise ValueError(f"bad chunk size {line[:40]!r}")
+        raise ValueError(f"bad chunk size {bytes(line[:40])!r}")
     if ext and ext.translate(None, _CHUNK_EXT_BYTES):
-        raise ValueError(f"bad chunk extension {line[:40]!r}")
+        raise ValueError(f"bad chunk extension {bytes(line[:40])!r}")
     return int(size, 16)
+
+
+def _check_trailer_line(line: bytes | bytearray) -> None:
+    """RFC 9112 7.1.2: a trailer field is a field line like those of the head (name, colon,
+    visible value); it is dropped, but one a client could read otherwise is refused."""
+    name, colon, _value = line.partition(b":")
+    if (
+        not colon
+        or not name
+        or name.translate(None, _TOKEN_BYTES)
+        or line.translate(None, _CTL) != line
+    ):
+        raise UpstreamBroken(f"bad trailer line {bytes(line[:100])!r}")
 
 
 class _Up(enum.Enum):
@@ -600,10 +745,17 @@ class UpstreamLeg:
     """The upstream-facing side of one upstream TCP connection.
 
     The request is written with fastproxy's own serialiser, and the response is read by a small
-    strict reader: CRLF line ends, token header names, no obs-fold, one Content-Length,
-    ``chunked`` last (RFC 9112 6.3). The upstream is fastproxy's own backend, not the attacker,
-    but every way of reading it differently from a client is still refused (502), so a confused
-    backend cannot desynchronise a pooled connection.
+    strict reader held to the standard of the request reader: CRLF line ends, token header
+    names, no obs-fold or control characters, at most one Content-Length, ``chunked`` as the
+    only transfer coding and never beside a Content-Length, no framing field on a 1xx or a body
+    on a 204, and nothing after a response that ends where its head says. The upstream is
+    fastproxy's own backend, not the attacker, but every way of reading it differently from a
+    client is refused (502) before anything of the response is relayed, so a confused backend
+    can neither split a response nor desynchronise a pooled connection.
+
+    The reader works at an offset into the received bytes (``_buf[_pos:]``) and returns the
+    data of all the chunks one read holds as one event, so its cost is linear in the bytes
+    received whatever their shape.
     """
 
     __slots__ = (
@@ -611,20 +763,30 @@ class UpstreamLeg:
         "_close",
         "_eof",
         "_method",
+        "_pos",
         "_remaining",
         "_req_chunked",
         "_req_done",
+        "_scanned",
         "_state",
+        "_trailer_left",
+        "copied",
         "declared_length",
+        "overrun",
         "received_any",
     )
 
     def __init__(self) -> None:
-        self._buf = b""
+        # unread response bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        # bytes after ``_pos`` already searched for the end of the head (less 3)
+        self._scanned = 0
         self._state = _Up.IDLE
         self._eof = False
         self._method = b""
         self._remaining = 0
+        self._trailer_left = 0
         self._req_chunked = False
         self._req_done = False
         self._close = False
@@ -632,6 +794,10 @@ class UpstreamLeg:
         self.declared_length: int | None = None
         #: bytes arrived since the last request was sent (a close before any is a stale pool)
         self.received_any = False
+        #: bytes came after the complete response: the upstream is out of step
+        self.overrun = False
+        #: bytes moved between buffers (the linear-time guard reads it)
+        self.copied = 0
 
     # -- request side
 
@@ -664,7 +830,14 @@ class UpstreamLeg:
 
     def feed(self, data: bytes) -> None:
         self.received_any = True
-        self._buf = self._buf + data if self._buf else data
+        if self._state is _Up.DONE:
+            self.overrun = True
+        buf = self._buf
+        if not buf:
+            self._buf = data
+        else:
+            self._buf, self._pos, copied = _append(buf, self._pos, data)
+            self.copied += copied
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -672,47 +845,43 @@ class UpstreamLeg:
     def next_event(self) -> ResponseHead | bytes | Ev:
         """The next response event; raise ``UpstreamBroken`` on a protocol violation."""
         state = self._state
-        buf = self._buf
         if state is _Up.LENGTH:
-            if not self._remaining:
+            remaining = self._remaining
+            if not remaining:
                 self._state = _Up.DONE
                 return Ev.END
+            buf = self._buf
             if not buf:
                 if self._eof:
                     raise UpstreamBroken("upstream closed in the middle of the body")
                 return Ev.NEED_DATA
-            if len(buf) <= self._remaining:
-                self._remaining -= len(buf)
+            pos = self._pos
+            size = len(buf) - pos
+            if size <= remaining:
+                self._remaining = remaining - size
                 self._buf = b""
-                return buf
-            data = buf[: self._remaining]
-            self._buf = buf[self._remaining :]
+                self._pos = 0
+                if type(buf) is bytes:
+                    return buf[pos:]  # the received object itself when pos is 0
+                return _slice(buf, pos, pos + size)
+            # bytes after the body: kept as ``trailing`` (the connection is not reused)
+            self.overrun = True
+            self._pos = pos + remaining
             self._remaining = 0
-            return data
+            return _slice(buf, pos, pos + remaining)
         if state is _Up.HEAD:
             return self._read_head()
-        if state is _Up.CHUNK_DATA:
-            if not buf:
-                if self._eof:
-                    raise UpstreamBroken("upstream closed in the middle of a chunk")
-                return Ev.NEED_DATA
-            if len(buf) <= self._remaining:
-                self._remaining -= len(buf)
-                self._buf = b""
-                if not self._remaining:
-                    self._state = _Up.CHUNK_END
-                return buf
-            data = buf[: self._remaining]
-            self._buf = buf[self._remaining :]
-            self._remaining = 0
-            self._state = _Up.CHUNK_END
-            return data
-        if state is _Up.CHUNK_SIZE or state is _Up.CHUNK_END or state is _Up.TRAILERS:
-            return self._read_chunk_framing()
+        if state is _Up.CHUNK_DATA or state is _Up.CHUNK_SIZE or state is _Up.CHUNK_END:
+            return self._read_chunked()
+        if state is _Up.TRAILERS:
+            return self._read_chunked()
         if state is _Up.CLOSE:
+            buf = self._buf
             if buf:
+                pos = self._pos
                 self._buf = b""
-                return buf
+                self._pos = 0
+                return _slice(buf, pos, len(buf))
             if self._eof:
                 self._state = _Up.DONE
                 return Ev.END
@@ -725,36 +894,50 @@ class UpstreamLeg:
 
     def _read_head(self) -> ResponseHead | Ev:
         buf = self._buf
-        end = buf.find(b"\r\n\r\n")
+        pos = self._pos
+        end = buf.find(b"\r\n\r\n", pos + self._scanned)
         if end < 0:
-            if len(buf) > MAX_RESPONSE_HEAD_BYTES:
+            unread = len(buf) - pos
+            if unread >= MAX_RESPONSE_HEAD_BYTES:
                 raise UpstreamBroken("response head too large")
             if self._eof:
                 raise UpstreamBroken("upstream closed before a complete response head")
+            # resume there: a head dripped in small reads is searched once, not once per read
+            if unread > 3:
+                self._scanned = unread - 3
             return Ev.NEED_DATA
-        head = buf[:end]
-        self._buf = buf[end + 4 :]
-        crlf = head.count(b"\r\n")
-        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-            raise UpstreamBroken("bare CR or LF in the response head")
-        if b"\x00" in head:
-            raise UpstreamBroken("NUL in the response head")
+        if end + 4 - pos > MAX_RESPONSE_HEAD_BYTES:
+            raise UpstreamBroken("response head too large")
+        head = buf[pos:end] if type(buf) is bytes else _slice(buf, pos, end)
+        pos = end + 4
+        unread = len(buf) - pos
+        if unread:
+            self._pos = pos
+        else:
+            self._buf = b""
+            self._pos = 0
+        self._scanned = 0
+        # CR and LF only as CRLF, and no other control character (RFC 9112 2.2, RFC 9110 5.5):
+        # deleting every control character must delete exactly the CRLFs
+        if head.translate(None, _CTL) != head.replace(b"\r\n", b""):
+            raise UpstreamBroken("bare CR or LF, or a control character, in the response head")
         lines = head.split(b"\r\n")
         status_line = lines[0]
         del lines[0]
+        # RFC 9112 4: HTTP-version SP 3DIGIT SP reason (the reason may be missing, as h11 allows)
         version, _, rest = status_line.partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or code.strip(_DIGITS):
             raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
         status = int(code)
-        if status < 100 or b"\x7f" in reason:
+        if status < 100 or status > 599:  # RFC 9110 15: 100..599
             raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
         # One pass: check every field line, read the framing fields, and keep the lines that
         # are relayed as they are. Only names as long as a dropped one are lower-cased.
         relayed: list[bytes] = []
         named: set[bytes] = set()
         length: bytes | None = None
-        codings: list[bytes] = []
+        coding: bytes | None = None
         close = version == b"HTTP/1.0"
         for line in lines:
             name, colon, value = line.partition(b":")
@@ -764,15 +947,23 @@ class UpstreamLeg:
                 relayed.append(line)
                 continue
             lower = name.lower()
-            if lower == b"content-length":
+            if b"_" in lower:
+                lower = lower.replace(b"_", b"-")
+                if lower == b"content-length" or lower == b"transfer-encoding":
+                    # a CGI-style reader (HTTP_CONTENT_LENGTH) takes it for the real one
+                    raise UpstreamBroken(f"framing field spelled with '_': {name!r}")
+            elif lower == b"content-length":
+                # RFC 9110 8.6 allows equal duplicates to be merged; like nginx, refuse them
+                if length is not None:
+                    raise UpstreamBroken("more than one Content-Length")
                 value = value.strip(b" \t")
-                if length is not None and length != value:
-                    raise UpstreamBroken("conflicting Content-Length")
                 if not value or value.strip(_DIGITS) or len(value) > 18:
                     raise UpstreamBroken(f"bad Content-Length {value[:30]!r}")
                 length = value
             elif lower == b"transfer-encoding":
-                codings.extend(c.strip().lower() for c in value.split(b","))
+                if coding is not None:
+                    raise UpstreamBroken("more than one Transfer-Encoding")
+                coding = value.strip(b" \t")
             elif lower == b"connection":
                 tokens = [t.strip().lower() for t in value.split(b",")]
                 named.update(tokens)
@@ -780,74 +971,151 @@ class UpstreamLeg:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
-            if b"_" in lower:
-                lower = lower.replace(b"_", b"-")
             if lower not in RESPONSE_DROPPED:
                 relayed.append(line)
         if named:
             named = {fold(token) for token in named} - CONNECTION_OPTIONS
             if named:  # rare: fields the upstream marked hop-by-hop by naming them
                 relayed = [line for line in relayed if fold(line.partition(b":")[0]) not in named]
-        # RFC 9112 6.3: with Transfer-Encoding, a Content-Length is ignored
-        self.declared_length = int(length) if length is not None and not codings else None
+        if coding is not None or status < 200 or status == 204:
+            self._check_framing(version, status, length, coding)
+        size = -1 if length is None else int(length)
+        self.declared_length = None if length is None else size
         if status < 200:
             if status == 101:
                 self._state = _Up.SWITCHED
             return ResponseHead(status, reason, lines, relayed)
         self._close = close
         # RFC 9112 6.3: the order of these rules matters
-        if self._method == b"HEAD" or status in (204, 304):
+        if self._method == b"HEAD" or status == 204 or status == 304:
+            if unread:
+                # a body after a response that has none: a second response, or a split one
+                raise UpstreamBroken("bytes after a response without a body")
             self._remaining = 0  # no body: the next event is END
             self._state = _Up.LENGTH
-        elif codings:
-            if codings[-1] != b"chunked":
-                self._state = _Up.CLOSE
-                self._close = True
-            else:
-                self._state = _Up.CHUNK_SIZE
-        elif length is not None:
-            self._remaining = int(length)
+        elif coding is not None:
+            self._state = _Up.CHUNK_SIZE
+        elif size >= 0:
+            if unread > size:
+                raise UpstreamBroken("bytes after the Content-Length body")
+            self._remaining = size
             self._state = _Up.LENGTH
         else:
             self._state = _Up.CLOSE
             self._close = True
         return ResponseHead(status, reason, lines, relayed)
 
-    def _read_chunk_framing(self) -> bytes | Ev:
-        """Consume chunk-size lines, chunk-ending CRLFs and trailers; then resume the body."""
-        while True:
-            buf = self._buf
-            line_end = buf.find(b"\r\n")
-            if line_end < 0:
-                if len(buf) > _CHUNK_LINE_MAX:
-                    raise UpstreamBroken("chunk framing line too long")
-                if self._eof:
-                    raise UpstreamBroken("upstream closed in the chunk framing")
-                return Ev.NEED_DATA
-            line = buf[:line_end]
-            self._buf = buf[line_end + 2 :]
-            state = self._state
-            if state is _Up.CHUNK_END:
-                if line:
-                    raise UpstreamBroken("chunk data longer than its size")
-                self._state = _Up.CHUNK_SIZE
-                continue
-            if state is _Up.TRAILERS:
-                if not line:
-                    self._state = _Up.DONE
-                    return Ev.END
-                continue  # trailer fields are not relayed
-            try:
-                self._remaining = parse_chunk_size(line)
-            except ValueError as exc:
-                raise UpstreamBroken(str(exc)) from exc
-            if not self._remaining:
-                self._state = _Up.TRAILERS
-                continue
-            self._state = _Up.CHUNK_DATA
-            event = self.next_event()
-            assert not isinstance(event, ResponseHead)
-            return event
+    @staticmethod
+    def _check_framing(
+        version: bytes, status: int, length: bytes | None, coding: bytes | None
+    ) -> None:
+        """The framing rules beyond one well-formed Content-Length, refused like nginx >= 1.23."""
+        if coding is not None:
+            # RFC 9112 6.1: chunked is the only coding a proxy must understand; nginx answers
+            # any other (or a list) with 502, as a reader that skips it frames the body otherwise
+            if coding.lower() != b"chunked":
+                raise UpstreamBroken(f"transfer coding other than chunked: {coding[:40]!r}")
+            # RFC 9112 6.1: "ought to be handled as an error" (smuggling, response splitting)
+            if length is not None:
+                raise UpstreamBroken("Content-Length together with Transfer-Encoding")
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing
+            if version == b"HTTP/1.0":
+                raise UpstreamBroken("Transfer-Encoding in an HTTP/1.0 response")
+        if status < 200:
+            # RFC 9110 8.6, RFC 9112 6.1: no Content-Length or Transfer-Encoding on a 1xx (a
+            # client that honours one on a 101 reads the tunnel's first bytes as a body)
+            if length is not None or coding is not None:
+                raise UpstreamBroken(f"framing field on a {status} response")
+        elif status == 204 and (coding is not None or (length is not None and int(length))):
+            # RFC 9110 15.3.5: a 204 has no body; "Content-Length: 0" is common and harmless
+            raise UpstreamBroken("a body announced on a 204 response")
+
+    def _read_chunked(self) -> bytes | Ev:
+        """Walk the chunks in the buffer from ``_pos``: sizes, data, CRLFs, trailers.
+
+        The data of every chunk the buffer holds comes back as one event (joined once); the
+        framing lines are found by bounded searches from the offset, never by re-slicing.
+        """
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        state = self._state
+        spans: list[int] = []
+        ended = False
+        try:
+            while pos < end:
+                if state is _Up.CHUNK_DATA:
+                    left = self._remaining
+                    if end - pos < left:
+                        spans += (pos, end)
+                        self._remaining = left - (end - pos)
+                        pos = end
+                        break
+                    spans += (pos, pos + left)
+                    pos += left
+                    self._remaining = 0
+                    state = _Up.CHUNK_END
+                elif state is _Up.CHUNK_END:
+                    # RFC 9112 7.1: chunk data is followed by exactly CRLF
+                    if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
+                        raise UpstreamBroken("chunk data longer than its size")
+                    if end - pos < 2:
+                        break
+                    pos += 2
+                    state = _Up.CHUNK_SIZE
+                elif state is _Up.CHUNK_SIZE:
+                    line_end = buf.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX + 2)
+                    if line_end < 0:
+                        if end - pos > _CHUNK_LINE_MAX + 1 or buf.find(b"\n", pos) >= 0:
+                            raise UpstreamBroken("bad chunk framing line")
+                        break
+                    try:
+                        size = parse_chunk_size(buf[pos:line_end])
+                    except ValueError as exc:
+                        raise UpstreamBroken(str(exc)) from exc
+                    pos = line_end + 2
+                    if size:
+                        self._remaining = size
+                        state = _Up.CHUNK_DATA
+                    else:
+                        self._trailer_left = MAX_RESPONSE_TRAILER_BYTES
+                        state = _Up.TRAILERS
+                else:
+                    # trailer fields, then the empty line (RFC 9112 7.1.2): checked, dropped
+                    left = self._trailer_left
+                    line_end = buf.find(b"\r\n", pos, pos + left + 2)
+                    if line_end < 0:
+                        if end - pos > left + 1:
+                            raise UpstreamBroken("response trailers too large")
+                        if buf.find(b"\n", pos) >= 0:
+                            raise UpstreamBroken("bare LF in the response trailers")
+                        break
+                    if line_end == pos:
+                        pos += 2
+                        ended = True
+                        break
+                    _check_trailer_line(buf[pos:line_end])
+                    self._trailer_left = left - (line_end + 2 - pos)
+                    pos = line_end + 2
+        finally:
+            if pos >= end:
+                self._buf = b""
+                pos = 0
+            elif ended:
+                self.overrun = True  # bytes after the last chunk's empty line
+            self._pos = pos
+            self._state = state
+        if spans:
+            if ended:
+                self._remaining = 0
+                self._state = _Up.LENGTH  # nothing left: the next event is END
+            return _join(buf, spans)
+        if ended:
+            self._state = _Up.DONE
+            return Ev.END
+        if self._eof:
+            raise UpstreamBroken("upstream closed in the middle of the chunked body")
+        return Ev.NEED_DATA
 
     @property
     def reusable(self) -> bool:
@@ -857,8 +1125,10 @@ class UpstreamLeg:
     def start_next_cycle(self) -> None:
         self._state = _Up.IDLE
         self._method = b""
+        self._scanned = 0
         self.declared_length = None
         self.received_any = False
+        self.overrun = False
 
     @property
     def idle(self) -> bool:
@@ -866,5 +1136,9 @@ class UpstreamLeg:
 
     @property
     def trailing(self) -> bytes:
-        """Bytes received after the response (or after a 101)."""
-        return self._buf
+        """Bytes received after the response (or after a 101): after a complete response they
+        mean the upstream is out of step, and neither connection may carry another exchange."""
+        buf = self._buf
+        if not buf:
+            return b""
+        return buf if not self._pos and type(buf) is bytes else _slice(buf, self._pos, len(buf))

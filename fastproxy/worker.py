@@ -865,12 +865,21 @@ class ClientProtocol(asyncio.Protocol):
         leg = conn.leg
         client_leg = cycle.leg
         out: list[bytes] = []
+        # the final head is in ``out``, not yet written: a failure now can still be a 502
+        head_unsent = False
         while True:
             try:
                 event = leg.next_event()
+                if event is Ev.END and head_unsent and leg.overrun:
+                    # the whole response and bytes after it came in one read: refused like
+                    # the bytes after a response without a body (a second response appended)
+                    raise UpstreamBroken("bytes after the complete response")
             except UpstreamBroken as broken:
                 if logger.isEnabledFor(logging.DEBUG):
                     logger.debug("upstream %s broke: %s", cycle.upstream_name, broken)
+                if head_unsent:
+                    cycle.response_started = False
+                    client_leg.discard_response_head()
                 self._upstream_broke(cycle)
                 return
             try:
@@ -883,6 +892,7 @@ class ClientProtocol(asyncio.Protocol):
                         self._on_switch(cycle, event)
                         return
                     out.append(self._response_head(cycle, event))
+                    head_unsent = cycle.response_started
                     continue
                 if event is Ev.END:
                     out.append(client_leg.end())
@@ -985,6 +995,12 @@ class ClientProtocol(asyncio.Protocol):
         cycle.upstream = None
         self.upstream_write_blocked = False
         if conn is not None:
+            if conn.leg.overrun:
+                # Bytes after a complete response, found once it was relayed: the upstream is
+                # out of step (a second response appended). The pool drops the connection, and
+                # this client's connection ends with this response, so nothing read after it
+                # can ever be taken for the answer to a later request.
+                cycle.leg.close_after_response()
             conn.server.pool.release(conn)
         self._finish_metrics(cycle, cycle.status)
         self._next_cycle(cycle)

@@ -161,6 +161,7 @@ class FrameScanner:
         "_message",
         "_rest",
         "_short",
+        "copied",
     )
 
     def __init__(self, *, masked: bool, max_message_bytes: int = 0, drop_pong: bytes = b"") -> None:
@@ -177,6 +178,8 @@ class FrameScanner:
         self._fragmented = False
         # bytes of the current message so far, counted only when there is a limit
         self._message = 0
+        #: bytes moved between buffers (the linear-time guard reads it)
+        self.copied = 0
 
     @property
     def mid_frame(self) -> bool:
@@ -239,6 +242,7 @@ class FrameScanner:
                 data = held + data
                 self._held = b""
                 n = len(data)
+                self.copied += n
             pos = run = 0
         mask_bit = self._mask_bit
         # invariant: a frame starts at ``pos``, and data[run:pos] is still to be forwarded
@@ -329,6 +333,7 @@ class FrameScanner:
             pos = n
         elif pos < n:
             self._held = data[pos:]
+            self.copied += n - pos
         if pos > run:
             out.append(data if run == 0 and pos == n else data[run:pos])
         return None

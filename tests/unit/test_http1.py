@@ -6,6 +6,8 @@ import pytest
 
 from fastproxy.headers import RequestRefused
 from fastproxy.http1 import (
+    MAX_RESPONSE_HEAD_BYTES,
+    MAX_RESPONSE_TRAILER_BYTES,
     ClientLeg,
     Ev,
     HeadScanner,
@@ -199,7 +201,7 @@ def _body(events: list[ResponseHead | bytes | Ev]) -> bytes:
 def test_upstream_leg_relays_end_to_end_lines_as_received() -> None:
     events = _upstream_events(
         b"HTTP/1.1 200 OK\r\nDate: x\r\nConnection: keep-alive, X-Private\r\n"
-        b"Content-Length: 2\r\nX-Request-Id: upstream\r\nTransfer_Encoding: gzip\r\n"
+        b"Content-Length: 2\r\nX-Request-Id: upstream\r\nKeep_Alive: timeout=5\r\n"
         b"Keep-Alive: timeout=5\r\nx-private: secret\r\nSet-Cookie:a=1  \r\n"
         b"Proxy-Authorization: x\r\nTrailer: X\r\nUpgrade: h2c\r\nTE: trailers\r\n"
         b"Proxy-Connection: keep-alive\r\nContent-Type: text/plain\r\n\r\nok"
@@ -235,16 +237,25 @@ def test_upstream_leg_reads_chunked_body_and_drops_trailers() -> None:
     assert events[-1] is Ev.END
 
 
-def test_upstream_leg_chunked_wins_over_content_length() -> None:
-    leg = UpstreamLeg()
-    leg.request(b"GET", b"/x", [(b"Host", b"up")])
-    leg.end()
-    leg.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
-    assert isinstance(leg.next_event(), ResponseHead)
-    assert leg.declared_length is None
-    leg.feed(b"a\r\n0123456789\r\n0\r\n\r\n")
-    assert leg.next_event() == b"0123456789"
-    assert leg.next_event() is Ev.END
+def test_upstream_leg_reads_chunked_body_split_anywhere() -> None:
+    response = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"a\r\n0123456789\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+    for cut in range(1, len(response)):
+        leg = UpstreamLeg()
+        leg.request(b"GET", b"/x", [(b"Host", b"up")])
+        leg.end()
+        events: list[ResponseHead | bytes | Ev] = []
+        for piece in (response[:cut], response[cut:]):
+            leg.feed(piece)
+            while (event := leg.next_event()) is not Ev.NEED_DATA:
+                events.append(event)
+                if event is Ev.END:
+                    break
+        assert isinstance(events[0], ResponseHead), cut
+        assert _body(events) == b"0123456789abc", cut
+        assert events[-1] is Ev.END and leg.reusable and not leg.trailing, cut
 
 
 def test_upstream_leg_head_response_has_no_body_but_keeps_its_length() -> None:
@@ -272,11 +283,15 @@ def test_upstream_leg_close_delimited_body_ends_at_eof_and_is_not_reusable() -> 
 
 
 def test_upstream_leg_keeps_bytes_after_the_response_as_trailing() -> None:
+    # the body ends in a later read than the head, with a second response behind it: the
+    # head may have been relayed already, so the bytes are kept for the worker to see
     leg = UpstreamLeg()
     leg.request(b"GET", b"/x", [(b"Host", b"up")])
     leg.end()
-    leg.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    leg.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
     assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() is Ev.NEED_DATA
+    leg.feed(b"okHTTP/1.1 200 OK\r\n")
     assert leg.next_event() == b"ok"
     assert leg.next_event() is Ev.END
     assert leg.trailing == b"HTTP/1.1 200 OK\r\n"
@@ -398,3 +413,333 @@ def test_httptools_leg_reads_head_as_sent_and_chunked_body() -> None:
 def test_httptools_leg_refuses(data: bytes) -> None:
     with pytest.raises(RequestRefused):
         _httptools_events(data)
+
+
+# -- response framing held to the request standard (502 before anything is relayed)
+
+_OK = b"HTTP/1.1 200 OK\r\n"
+
+
+@pytest.mark.parametrize(
+    ("response", "method"),
+    [
+        # Content-Length and Transfer-Encoding together (RFC 9112 6.1)
+        (_OK + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", b"GET"),
+        (_OK + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET"),
+        (_OK + b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"HEAD"),
+        # any coding but exactly "chunked" (nginx >= 1.23: 502)
+        (_OK + b"Transfer-Encoding: gzip\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: gzip, chunked\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked, chunked\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: identity\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: \r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked;q=1\r\n\r\n", b"GET"),
+        # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"GET"),
+        # duplicate Content-Length, even equal
+        (_OK + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nok", b"GET"),
+        (_OK + b"Content-Length: 2, 2\r\n\r\nok", b"GET"),
+        # underscore spellings of framing fields
+        (_OK + b"Content_Length: 2\r\n\r\nok", b"GET"),
+        (_OK + b"content_length: 2\r\nContent-Length: 2\r\n\r\nok", b"GET"),
+        (_OK + b"Transfer_Encoding: chunked\r\nContent-Length: 2\r\n\r\nok", b"GET"),
+        # framing fields on a 1xx (RFC 9110 8.6, RFC 9112 6.1)
+        (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 10\r\nUpgrade: x\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 103 Early Hints\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET"),
+        # a body on a 204
+        (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n", b"GET"),
+        # bytes after a response without a body, or after a complete one, in the same read
+        (b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\nhello", b"GET"),
+        (_OK + b"Content-Length: 5\r\n\r\nhello", b"HEAD"),
+        (_OK + b"Content-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (_OK + b"Content-Length: 0\r\nConnection: close\r\n\r\nX", b"GET"),
+        # status lines
+        (b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b" HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1  200 OK\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (b"HTTP/1.1 200 OK\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        # control characters, bare CR, obs-fold, whitespace before the colon
+        (_OK + b"X: a\x0bb\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (_OK + b"X: a\x7f\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        (_OK + b"X: a\rContent-Length: 0\r\n\r\n", b"GET"),
+        (_OK + b"Content-Length: 0\r\n\tX: 1\r\n\r\n", b"GET"),
+        (_OK + b"Content-Length : 0\r\n\r\n", b"GET"),
+        # oversize head, even when it arrives whole
+        (_OK + b"X: " + b"a" * MAX_RESPONSE_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n", b"GET"),
+        # negative, signed, huge lengths and chunk sizes
+        (_OK + b"Content-Length: +2\r\n\r\nok", b"GET"),
+        (_OK + b"Content-Length: 1234567890123456789\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n" + b"1" * 17 + b"\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n-1\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", b"GET"),
+        # chunk extensions and chunk lines with bare LF or CR
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n5;a=b\nhello\r\n0\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n5;a\n=b\r\nhello\r\n0\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n", b"GET"),
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n" + b"1;" + b"x" * 1100 + b"\r\n", b"GET"),
+    ],
+)
+def test_upstream_leg_refuses_ambiguous_framing(response: bytes, method: bytes) -> None:
+    leg = UpstreamLeg()
+    leg.request(method, b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(response)
+    with pytest.raises(UpstreamBroken):
+        for _ in range(10):
+            if leg.next_event() in (Ev.NEED_DATA, Ev.PAUSED):
+                break
+
+
+@pytest.mark.parametrize(
+    ("response", "method", "status", "length", "body"),
+    [
+        # real servers send "Content-Length: 0" on a 204; it is not relayed (RFC 9110 8.6)
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", b"GET", 204, 0, b""),
+        # no reason phrase (h11 and browsers accept it)
+        (b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok", b"GET", 200, 2, b"ok"),
+        (b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok", b"GET", 200, 2, b"ok"),
+        # RFC 9112 6.1: a HEAD response or a 304 may name the coding it would have used
+        (_OK + b"Transfer-Encoding: chunked\r\n\r\n", b"HEAD", 200, None, b""),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", b"GET", 304, 5, b""),
+        # coding names are case-insensitive (RFC 9112 7)
+        (
+            _OK + b"Transfer-Encoding:  Chunked \r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"GET",
+            200,
+            None,
+            b"ok",
+        ),
+        # informational responses before the final one, in the same read
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            + _OK
+            + b"Content-Length: 2\r\n\r\nok",
+            b"POST",
+            200,
+            2,
+            b"ok",
+        ),
+        # a value with obs-text and HTAB is fine
+        (_OK + b"X: a\tb \xe9\r\nContent-Length: 0\r\n\r\n", b"GET", 200, 0, b""),
+    ],
+)
+def test_upstream_leg_accepts_unambiguous_framing(
+    response: bytes, method: bytes, status: int, length: int | None, body: bytes
+) -> None:
+    events = _upstream_events(response, method=method)
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    assert heads[-1].status == status
+    assert _body(events) == body
+    assert events[-1] is Ev.END
+
+
+def test_upstream_leg_declared_length_of_accepted_heads() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.declared_length == 0
+    assert leg.next_event() is Ev.END and leg.reusable
+
+
+def test_upstream_leg_101_keeps_the_bytes_after_it() -> None:
+    # bytes after a 101 belong to the new protocol, not to a second response
+    events = _upstream_events(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nxyz")
+    assert events[-1] is Ev.SWITCHED
+
+
+def _chunked(response_tail: bytes) -> bytes:
+    return _OK + b"Transfer-Encoding: chunked\r\n\r\n" + response_tail
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [
+        b"X-T\r\n",  # no colon
+        b": v\r\n",  # no name
+        b"X T: v\r\n",  # not a token
+        b" X-T: v\r\n",  # obs-fold
+        b"X-T: a\nb\r\n",  # bare LF
+        b"X-T: a\rb\r\n",  # bare CR
+        b"X-T: a\x00b\r\n",  # NUL
+        b"X-T: " + b"v" * MAX_RESPONSE_TRAILER_BYTES + b"\r\n",  # one line over the bound
+        b"X-T: vvvvvvvvvvvvvvvv\r\n" * (MAX_RESPONSE_TRAILER_BYTES // 20),  # many lines over it
+    ],
+)
+def test_upstream_leg_refuses_bad_or_oversize_trailers(trailers: bytes) -> None:
+    with pytest.raises(UpstreamBroken):
+        _upstream_events(_chunked(b"2\r\nok\r\n0\r\n" + trailers + b"\r\n"))
+
+
+def test_upstream_leg_drops_trailers_within_the_bound() -> None:
+    trailers = b"X-T: vvvvvvvvvvvvvvvv\r\n" * (MAX_RESPONSE_TRAILER_BYTES // 24)
+    events = _upstream_events(_chunked(b"2\r\nok\r\n0\r\n" + trailers + b"\r\n"))
+    assert _body(events) == b"ok" and events[-1] is Ev.END
+
+
+def test_upstream_leg_coalesces_the_chunks_of_one_read() -> None:
+    events = _upstream_events(_chunked(b"1\r\na\r\n" * 1000 + b"0\r\n\r\n"))
+    assert isinstance(events[0], ResponseHead)
+    assert events[1:] == [b"a" * 1000, Ev.END]
+
+
+def test_upstream_leg_trailing_after_a_chunked_response() -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(_chunked(b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n"))
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() == b"ok"
+    assert leg.next_event() is Ev.END
+    assert leg.trailing == b"HTTP/1.1 200 OK\r\n"
+    assert leg.overrun
+
+
+@pytest.mark.parametrize("late", [b"", b"X"])
+def test_upstream_leg_overrun_marks_bytes_after_the_response(late: bytes) -> None:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    leg.feed(_chunked(b"2\r\nok\r\n0\r\n\r\n"))
+    assert isinstance(leg.next_event(), ResponseHead)
+    assert leg.next_event() == b"ok"
+    assert leg.next_event() is Ev.END
+    assert not leg.overrun
+    if late:
+        leg.feed(late)  # a later read, after the response ended
+        assert leg.next_event() is Ev.PAUSED
+    assert leg.overrun == bool(late)
+    leg.start_next_cycle()
+    assert not leg.overrun
+
+
+def test_client_leg_discarded_head_leaves_the_response_unstarted() -> None:
+    leg = _server_leg(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    leg.response_head_lines(200, [], length=5)
+    assert leg.response_started
+    leg.discard_response_head()
+    assert not leg.response_started
+    leg.close_after_response()
+    leg.response_head_lines(502, [], length=0)
+    leg.end()
+    assert not leg.keep_alive
+
+
+def test_upstream_leg_reads_a_head_dripped_byte_by_byte() -> None:
+    response = (
+        _OK + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"Content-Length: 2\r\n\r\nok"
+    )
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/x", [(b"Host", b"up")])
+    leg.end()
+    events: list[ResponseHead | bytes | Ev] = []
+    for byte in response:
+        leg.feed(bytes([byte]))
+        while (event := leg.next_event()) is not Ev.NEED_DATA:
+            events.append(event)
+            if event is Ev.END:
+                break
+    head = events[0]
+    assert isinstance(head, ResponseHead) and len(head.lines) == 201
+    assert _body(events) == b"ok" and events[-1] is Ev.END
+
+
+# -- the request body reader: offsets, coalescing, any cut
+
+
+def test_client_leg_coalesces_the_chunks_of_one_read() -> None:
+    _leg, events = _server(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"1;ext=1\r\nX\r\n" * 1000
+        + b"0\r\n\r\n"
+    )
+    assert events[1:] == [b"X" * 1000, Ev.END, Ev.PAUSED]
+
+
+@pytest.mark.parametrize("leg_class", [ServerLeg, HttptoolsLeg])
+def test_client_leg_reads_a_chunked_body_cut_anywhere(
+    leg_class: type[ServerLeg] | type[HttptoolsLeg],
+) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b'3\r\nabc\r\n1;x="y"\r\nd\r\n0\r\n\r\nGET /next'
+    for cut in range(len(body) + 1):
+        for step in (1, None):
+            leg = leg_class(16384)
+            leg.feed_head(head)
+            events: list[RequestHead | bytes | Ev] = [leg.next_event()]
+            pieces = [body[:cut], body[cut:]] if step is None else [bytes([b]) for b in body]
+            for piece in pieces:
+                if piece:
+                    leg.feed(piece)
+                events += _drain(leg)
+            data = b"".join(e for e in events if isinstance(e, bytes))
+            assert data == b"abcd", (cut, step, events)
+            assert Ev.END in events and leg.request_ended
+            assert leg.trailing == b"GET /next"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"3\r\nabcd\r\n",  # longer than its size
+        b"3\r\nabc\n",  # bare LF after data
+        b"3\nabc\r\n",  # bare LF ending the size line
+        b"1;" + b"x" * 1100 + b"\r\n",  # size line too long
+        b"1;" + b"x" * 1100,  # ... even before its end arrives
+        b"0\r\nX: y\r\n\r\n",  # trailers in a request
+        b"g\r\n",  # not hex
+    ],
+)
+def test_client_leg_refuses_bad_chunked_bodies(body: bytes) -> None:
+    with pytest.raises(RequestRefused):
+        _server(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+
+
+def test_client_leg_content_length_body_split_keeps_pipelined_bytes() -> None:
+    leg = ServerLeg(16384)
+    leg.feed_head(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    assert isinstance(leg.next_event(), RequestHead)
+    leg.feed(b"he")
+    assert leg.next_event() == b"he"
+    leg.feed(b"lloGET / HTTP/1.1\r\n")
+    assert leg.next_event() == b"llo"
+    assert leg.next_event() is Ev.END
+    assert leg.trailing == b"GET / HTTP/1.1\r\n"
+
+
+# -- the head scanner: blank lines before a request line
+
+
+def test_head_scanner_skips_a_flood_of_blank_lines() -> None:
+    scanner = HeadScanner(16384, 100, 8192)
+    for _ in range(40):
+        scanner.feed(b"\r\n" * 32768)
+        assert scanner.maybe_take_head() is None
+        assert len(scanner) == 0
+    scanner.feed(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nrest")
+    assert scanner.maybe_take_head() == (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"rest")
+    # the blank lines are skipped by an offset; what follows them is copied once
+    assert scanner.copied == len(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest")
+
+
+def test_head_scanner_blank_lines_split_between_cr_and_lf() -> None:
+    scanner = HeadScanner(16384, 100, 8192)
+    for piece in (b"\r\n\r", b"\n\r", b"\nGET / HTTP/1.1\r", b"\nHost: a\r\n\r", b"\n"):
+        assert scanner.maybe_take_head() is None
+        scanner.feed(piece)
+    assert scanner.maybe_take_head() == (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"")
+
+
+@pytest.mark.parametrize("data", [b"\r\n\r\r\nGET / HTTP/1.1\r\n", b"\r\n\nGET / HTTP/1.1\r\n"])
+def test_head_scanner_refuses_bare_cr_or_lf_among_blank_lines(data: bytes) -> None:
+    with pytest.raises(RequestRefused):
+        _scan(data)
