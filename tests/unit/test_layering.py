@@ -45,7 +45,11 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         },
         {"uvloop", "orjson"},
     ),
-    "master": ({"errors", "config", "control", "log", "metrics", "runtime", "worker"}, set()),
+    "systemd": ({"errors"}, set()),
+    "master": (
+        {"errors", "config", "control", "log", "metrics", "runtime", "systemd", "worker"},
+        set(),
+    ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
     "cli": ({"errors", "config", "headers", "log", "master", "policy", "demo", "fastproxy"}, set()),
     "__init__": (set(), set()),
