@@ -75,6 +75,7 @@ CATEGORIES = {
     "provenance",
     "methods",
     "agent",
+    "response",
 }
 #: short client timeouts for the slow-client cases
 SLOW_LIMITS = {"header_timeout_s": 0.5, "keepalive_timeout_s": 0.5}
