@@ -36,6 +36,7 @@ from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
 from fastproxy.headers import valid_method
 from fastproxy.master import BindError, Master, bind_listener
 from fastproxy.policy import Action, Decision, PrefixTable, Refusal
+from fastproxy.systemd import SystemdError
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def cmd_run(
 def _run_master(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         return Master(cfg, loader=loader).run()
-    except BindError as err:
+    except (BindError, SystemdError) as err:
         _error(str(err))
         return EXIT_FAILURE
     except Exception:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import NoReturn
 
-from fastproxy import control, log, metrics
+from fastproxy import control, log, metrics, systemd
 from fastproxy.config import Address, Config, dump_config
 from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, ConfigError, FastproxyError, HaltServer
 from fastproxy.runtime import Snapshot, diff
@@ -77,6 +77,9 @@ RESPAWN_STABLE_S = 10.0
 WAKEUP_READ_BYTES = 4096
 #: what a SIGQUIT (fast stop) or an escalated stop waits for SIGKILLed workers to be reaped
 FAST_STOP_TIMEOUT_S = 5.0
+#: the systemd watchdog is fed only while every worker sent a heartbeat this recently (the
+#: workers beat once a second; a stuck one stops the pings long before its SIGABRT)
+WATCHDOG_FRESH_S = 5.0
 #: RLIMIT_NOFILE to aim for when the hard limit is unlimited (Linux fs.nr_open default)
 NOFILE_WHEN_UNLIMITED = 1 << 20
 
@@ -239,6 +242,9 @@ class Master:
         self._reload_errors: list[str] = []
         #: a SIGHUP arrived while a reload was pending: read the file again once it is applied
         self._hup_again = False
+        #: systemd's watchdog interval (WATCHDOG_USEC), None when no watchdog is asked for
+        self._watchdog_s: float | None = None
+        self._last_watchdog = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -252,6 +258,7 @@ class Master:
             raise_nofile_limit()
             self._metrics_dir = metrics.prepare_multiproc_dir()
             self._metrics = metrics.MasterMetrics(time.time())
+            self._watchdog_s = systemd.watchdog_interval_s()
             self._install_signals()
             self._manage_workers()
             while True:
@@ -262,6 +269,7 @@ class Master:
                 self._reap_workers()
                 self._murder_workers()
                 self._manage_workers()
+                self._feed_watchdog()
         except HaltServer as halt:
             logger.error("%s; stopping", halt.reason)
             self._stop(graceful=True)
@@ -276,6 +284,7 @@ class Master:
 
     def _stop(self, *, graceful: bool) -> None:
         """Close the listeners, stop the workers and wait; what outlives the wait gets SIGKILL."""
+        systemd.notify_stopping()
         self._stopping = True
         self._close_sockets()
         if graceful:
@@ -397,6 +406,7 @@ class Master:
         if self._loader is None:
             logger.warning("SIGHUP: no configuration file to reload")
             return
+        systemd.notify_reloading()
         generation = current + 1
         added: dict[str, socket.socket] = {}
         try:
@@ -419,6 +429,7 @@ class Master:
                 sock.close()
             logger.warning("reload failed, still serving generation %d: %s", current, err)
             self._count_reload(ok=False)
+            systemd.notify_ready(f"{self._status()}; the last reload failed: {err}")
             return
         for name in changes.close:
             if name in self._sockets:
@@ -487,6 +498,8 @@ class Master:
         if ok:
             logger.info("generation %d applied by every worker", generation)
         self._count_reload(ok=ok)
+        status = self._status()
+        systemd.notify_ready(status if ok else f"{status}; some workers failed to apply it")
         if self._hup_again:
             self._hup_again = False
             self._reload()
@@ -625,7 +638,33 @@ class Master:
         return len(serving) == self._config.workers and all(w.ready for w in serving)
 
     def _notify_ready(self) -> None:
-        """Every worker is accepting: where systemd ``READY=1`` will be sent."""
+        """Every worker is accepting: systemd ``READY=1``."""
+        systemd.notify_ready(self._status())
+
+    def _status(self) -> str:
+        """What the master does, for systemd's ``STATUS=`` (``systemctl status``)."""
+        listeners = len(self._config.listeners)
+        return (
+            f"{listeners} listener{'s' if listeners != 1 else ''}, "
+            f"{self._config.workers} worker{'s' if self._config.workers != 1 else ''}, "
+            f"generation {self._snapshot.generation}"
+        )
+
+    def _feed_watchdog(self) -> None:
+        """``WATCHDOG=1`` every half interval, and only while every worker's loop beats."""
+        interval = self._watchdog_s
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now - self._last_watchdog < interval / 2:
+            return
+        serving = [w for w in self._workers.values() if not w.retiring]
+        if len(serving) < self._config.workers or any(
+            now - w.last_beat > WATCHDOG_FRESH_S for w in serving
+        ):
+            return  # systemd restarts the service if this lasts WatchdogSec
+        self._last_watchdog = now
+        systemd.notify_watchdog()
 
     def _close_channel(self, worker: Worker) -> None:
         if worker.channel is not None:
@@ -731,17 +770,30 @@ class Master:
     # -- sockets ------------------------------------------------------------------------------
 
     def _bind_all(self) -> None:
+        """Take the sockets socket activation passed (by name), bind the others."""
+        passed = systemd.listen_fds()
+        activation = systemd.match_listeners(
+            passed, self._config.listeners, self._config.admin is not None
+        )
         for name, listener in self._config.listeners.items():
-            sock = bind_listener(f"listeners.{name}", listener.bind)
+            sock = activation.listeners.get(name)
+            how = "socket from systemd"
+            if sock is None:
+                sock = bind_listener(f"listeners.{name}", listener.bind)
+                how = "bound"
             self._sockets[name] = sock
             logger.info(
-                "listening on %s (listener %s, policy %s)",
+                "listening on %s (listener %s, policy %s, %s)",
                 _sockname(sock),
                 name,
                 listener.policy,
+                how,
                 extra={"listener": name},
             )
-        if self._config.admin is not None:
+        if activation.admin is not None:
+            self._admin_socket = activation.admin
+            logger.info("admin listening on %s (socket from systemd)", _sockname(activation.admin))
+        elif self._config.admin is not None:
             self._admin_socket = bind_listener("admin", self._config.admin.bind)
             logger.info("admin listening on %s", _sockname(self._admin_socket))
 

@@ -281,6 +281,8 @@ class ProxyFactory:
         extra: str = "",
         wait: bool = True,
         args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> RunningProxy:
         """Start fastproxy and wait until it is live.
 
@@ -288,7 +290,8 @@ class ProxyFactory:
         ``overrides`` is deep-merged into the default document, e.g.
         ``{"listeners": {"sdk": {"limits": {"header_timeout_s": 1.0}}}}``; a listener it adds
         without a ``bind`` gets a free port. ``extra`` is TOML text appended as it is; ``args``
-        are more options for ``fastproxy run``.
+        are more options for ``fastproxy run``; ``env`` adds environment variables; ``prefix``
+        is a command that runs fastproxy (``systemd-socket-activate ...``).
         """
         document = merge(
             default_config(
@@ -305,17 +308,28 @@ class ProxyFactory:
         config_path.write_text(text)
         metrics_dir = self.directory / f"metrics-{index}"
         metrics_dir.mkdir(exist_ok=True)
+        env_extra = env
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        env.update(env_extra or {})
         stdout_path = self.directory / f"fastproxy-{index}.stdout"
         stderr_path = self.directory / f"fastproxy-{index}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "fastproxy", "run", "-c", str(config_path), *args],
+                [
+                    *prefix,
+                    sys.executable,
+                    "-m",
+                    "fastproxy",
+                    "run",
+                    "-c",
+                    str(config_path),
+                    *args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,

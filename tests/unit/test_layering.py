@@ -51,7 +51,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         set(),
     ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
-    "cli": ({"errors", "config", "headers", "log", "master", "policy", "demo", "fastproxy"}, set()),
+    "cli": (
+        {"errors", "config", "headers", "log", "master", "policy", "demo", "systemd", "fastproxy"},
+        set(),
+    ),
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
