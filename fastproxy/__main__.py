@@ -1,5 +1,8 @@
 """``python -m fastproxy`` runs the command line."""
 
-from fastproxy.cli import main
+try:
+    from fastproxy.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the modules load: stop quietly, as main() does
+    raise SystemExit(0) from None
 
 raise SystemExit(main())

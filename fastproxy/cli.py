@@ -176,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on a usage error and 0 after --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        # Ctrl-C before the master's own handler is in place (start-up): a stop like any other
+        # SIGINT, not a traceback; the master's finally has already cleaned up what it started
+        return EXIT_OK
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     command: str | None = args.command
     if command == "run":
         return cmd_run(args.config, args.workers, args.log_level, args.access_log)

@@ -75,6 +75,8 @@ RESPAWN_BACKOFF_MAX_S = 30.0
 RESPAWN_STABLE_S = 10.0
 #: bytes read from the signal wake-up pipe at once
 WAKEUP_READ_BYTES = 4096
+#: how much longer than ``graceful_timeout_s`` the master waits before its SIGKILL
+STOP_MARGIN_S = 5.0
 #: what a SIGQUIT (fast stop) or an escalated stop waits for SIGKILLed workers to be reaped
 FAST_STOP_TIMEOUT_S = 5.0
 #: the systemd watchdog is fed only while every worker sent a heartbeat this recently (the
@@ -288,7 +290,9 @@ class Master:
         self._stopping = True
         self._close_sockets()
         if graceful:
-            timeout = self._config.graceful_timeout_s
+            # the workers end their own drain at graceful_timeout_s, answering what is left;
+            # SIGKILL is for a worker that cannot
+            timeout = self._config.graceful_timeout_s + STOP_MARGIN_S
             logger.info(
                 "stopping %d workers gracefully (up to %.0f s)", len(self._workers), timeout
             )

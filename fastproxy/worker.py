@@ -29,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import ipaddress
 import logging
 import os
 import signal
 import socket
 import struct
+import termios
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -70,6 +72,7 @@ from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Action, Decision, Refusal
 from fastproxy.runtime import ListenerPlan, Snapshot, diff
 from fastproxy.upstream import UpstreamPool, UpstreamProtocol
+from fastproxy.wsframe import CLOSE_GOING_AWAY, FrameTracker, close_frame
 from fastproxy.wsrelay import RelayOutput, WebSocketRelay, upgrade_accepted
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,14 @@ WRITE_HIGH_WATER_BYTES = 256 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: how long a relayed WebSocket Close may wait for the other side's Close
 WS_CLOSE_TIMEOUT_S = 10.0
+#: on SIGTERM, WebSockets get their Close 1001 this long before ``graceful_timeout_s`` (at most
+#: half of it), which leaves the close handshake and the last answers time to go out
+WS_DRAIN_MARGIN_S = 5.0
+#: how often the drain looks at the connections
+DRAIN_STEP_S = 0.05
+#: on SIGTERM, an idle keep-alive connection is closed once it has been quiet this long
+DRAIN_QUIET_S = 0.5
+_INT_ZERO = bytes(4)
 #: methods whose body some backends ignore, reading it as the next request ("CL.0")
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
 #: the methods a rewritten request (the SPA fallback) may carry
@@ -251,18 +262,21 @@ class ClientProtocol(asyncio.Protocol):
         "client_write_blocked",
         "cycle",
         "deadline_tick",
+        "drain_idle",
         "last_ws_activity",
         "listener",
         "peer",
         "read_paused",
         "relay",
         "scanner",
+        "served",
         "state",
         "timer",
         "transport",
         "trust_plan",
         "trusted",
         "tunnel_limits",
+        "tunnel_trackers",
         "tunnel_upstream",
         "upstream_write_blocked",
         "worker",
@@ -293,6 +307,12 @@ class ClientProtocol(asyncio.Protocol):
         self.trust_plan: ListenerPlan | None = None
         #: the limits of the plan a WebSocket tunnel opened with
         self.tunnel_limits: Limits | None = None
+        #: requests started on this connection
+        self.served = 0
+        #: draining: ``(served, loop time)`` when the connection was first seen idle
+        self.drain_idle: tuple[int, float] | None = None
+        #: ``tunnel`` mode: frame boundaries towards the client and towards the upstream
+        self.tunnel_trackers: tuple[FrameTracker, FrameTracker] | None = None
         #: the client half-closed after a complete request: answer what it sent, then close
         self.client_eof = False
         #: when the tunnel was last seen active, as of the last keep-alive tick
@@ -567,6 +587,7 @@ class ClientProtocol(asyncio.Protocol):
             assert isinstance(event, RequestHead)
             self._cancel_timer()
             cycle = Cycle(leg, event, time.monotonic(), plan)
+            self.served += 1
             self.cycle = cycle
             self._start(cycle)
 
@@ -945,7 +966,7 @@ class ClientProtocol(asyncio.Protocol):
             lines,
             event.reason,
             length=upstream.leg.declared_length,
-            close=self.worker.draining,
+            close=self.worker.draining or self.listener.retired,
         )
 
     def _on_switch(self, cycle: Cycle, event: ResponseHead) -> bool:
@@ -979,6 +1000,8 @@ class ClientProtocol(asyncio.Protocol):
         self.tunnel_limits = limits
         if plan.validate_frames:
             self.relay = WebSocketRelay(limits.ws_max_message_bytes)
+        else:
+            self.tunnel_trackers = (FrameTracker(), FrameTracker())
         self._update_reading_tunnel()
         self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
         self.last_ws_activity = time.monotonic()
@@ -1009,7 +1032,10 @@ class ClientProtocol(asyncio.Protocol):
         self.cycle = None
         if self.transport is None or self.state is State.CLOSED:
             return
-        if not cycle.leg.keep_alive or self.worker.draining or self.listener.retired:
+        # Draining, a response sent without Connection: close (it started before the drain)
+        # leaves the client free to send another request: that one is read and answered
+        # with Connection: close; a quiet connection is closed by the drain itself.
+        if not cycle.leg.keep_alive:
             self._close()
             return
         self._read_next(cycle)
@@ -1084,6 +1110,7 @@ class ClientProtocol(asyncio.Protocol):
             or info is None
             or b"close" in info.connection
             or self.worker.draining
+            or self.listener.retired
         ):
             close = True
         if not close:
@@ -1180,7 +1207,12 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.ws_active = True
         relay = self.relay
-        if relay is None or relay.client_passes(data):
+        if relay is None:
+            if self.tunnel_trackers is not None:
+                self.tunnel_trackers[1].feed(data)
+            conn.write(data)
+            return
+        if relay.client_passes(data):
             conn.write(data)
             return
         self._apply(relay.from_client(data))
@@ -1190,7 +1222,13 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.ws_active = True
         relay = self.relay
-        if relay is None or relay.upstream_passes(data):
+        if relay is None:
+            if self.tunnel_trackers is not None:
+                self.tunnel_trackers[0].feed(data)
+            if self.transport is not None:
+                self.transport.write(data)
+            return
+        if relay.upstream_passes(data):
             if self.transport is not None:
                 self.transport.write(data)
             return
@@ -1256,21 +1294,65 @@ class ClientProtocol(asyncio.Protocol):
         self.listener.ws_gauge.dec()
         conn.server.pool.discard(conn)
 
-    def go_idle_away(self) -> None:
-        """The listener was removed: close now if idle; otherwise after the current request."""
-        if self.state is State.HEAD and len(self.scanner) == 0:
-            self._close()
+    def go_idle_away(self, *, quiet_s: float = 0.0) -> None:
+        """The listener was removed, or the worker drains: close if idle, that is, nothing of
+        a request is buffered here or in the kernel, for ``quiet_s`` with no request started;
+        otherwise the connection ends after its next answer (sent with Connection: close)."""
+        if self.state is not State.HEAD or len(self.scanner) or self.transport is None:
+            return
+        if quiet_s:
+            # A client between two requests of a busy keep-alive connection looks idle too;
+            # closing it then loses the request it is writing. It gets Connection: close on
+            # its next answer instead; only a connection quiet for quiet_s is closed here.
+            now = self.worker.loop.time()
+            seen = self.drain_idle
+            if seen is None or seen[0] != self.served:
+                self.drain_idle = (self.served, now)
+                return
+            if now - seen[1] < quiet_s:
+                return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT_ZERO)
+            except OSError:
+                pending = _INT_ZERO
+            if pending != _INT_ZERO:
+                return  # a request is arriving: it is read, answered, then the connection ends
+        self._close()
 
-    def go_away(self) -> None:
-        """Shutdown: close an idle connection now, a tunnel with 1001, others after the reply."""
-        if self.state is State.HEAD and len(self.scanner) == 0:
-            self._close()
+    def close_websocket(self) -> None:
+        """Shutdown, at the drain deadline: Close 1001 to both sides of a tunnel, in either mode.
+
+        A Close goes only where no frame is half written; the connections close after it.
+        """
+        if self.state is not State.TUNNEL:
+            return
+        if self.relay is not None:
+            self._apply(self.relay.going_away())
+            return
+        to_client, to_upstream = self.tunnel_trackers or (None, None)
+        if self.transport is not None and to_client is not None and not to_client.mid_frame:
+            self.transport.write(close_frame(CLOSE_GOING_AWAY, masked=False))
+        conn = self.tunnel_upstream
+        if conn is not None and to_upstream is not None and not to_upstream.mid_frame:
+            conn.write(close_frame(CLOSE_GOING_AWAY, masked=True))
+        self.worker.metrics.websocket_closes.labels(self.listener.name, "1001").inc()
+        self._end_tunnel()
+        self._close()
+
+    def abandon(self) -> None:
+        """Shutdown, at the deadline: answer a request that has no response yet (503), and
+        reset what is still busy, so nothing is left to the master's SIGKILL."""
+        cycle = self.cycle
+        if self.state is State.CLOSED:
+            return
+        if cycle is not None and not cycle.leg.response_started:
+            self._local_reply(cycle, 503, "shutting_down", close=True)
         elif self.state is State.TUNNEL:
-            if self.relay is not None:
-                self._apply(self.relay.going_away())
-            else:
-                self._end_tunnel()
-                self._close()
+            self.close_websocket()
+        else:
+            self._close(abort=True)
 
 
 # -------------------------------------------------------------------- worker entry point
@@ -1370,37 +1452,58 @@ async def _serve(
     heartbeat()
     await stop.wait()
     loop.remove_reader(heartbeat_fd)
-    # Drain: stop accepting, let in-flight requests finish, close idle keep-alives.
-    worker.draining = True
-    for listener in worker.listeners.values():
-        if listener.server is not None:
-            listener.server.close()
+    await _drain(worker, heartbeat_fd)
     if admin_server is not None:
         admin_server.close()
-    deadline = loop.time() + worker.config.graceful_timeout_s
+
+
+async def _drain(worker: WorkerState, heartbeat_fd: int) -> None:
+    """SIGTERM: stop accepting; finish the requests in flight (answered with Connection:
+    close); close idle keep-alives once nothing of a request is pending for them; let
+    WebSockets run until the WebSocket deadline, then Close 1001 in both modes; at
+    ``graceful_timeout_s`` answer or reset what is left, before the master's SIGKILL.
+
+    The admin listener keeps answering meanwhile: /readyz says 503, so a load balancer sees
+    the drain.
+    """
+    loop = worker.loop
+    worker.draining = True
+    for listener in worker.every_listener():
+        if listener.server is not None:
+            listener.server.close()
+    graceful = worker.config.graceful_timeout_s
+    start = loop.time()
+    deadline = start + graceful
+    websocket_deadline = start + graceful - min(WS_DRAIN_MARGIN_S, graceful / 2)
     while loop.time() < deadline:
         busy = False
+        websockets_due = loop.time() >= websocket_deadline
         for listener in worker.every_listener():
             for conn in list(listener.connections):
-                conn.go_away()
+                if conn.state is State.TUNNEL:
+                    if websockets_due:
+                        conn.close_websocket()
+                else:
+                    conn.go_idle_away(quiet_s=DRAIN_QUIET_S)
                 busy = busy or conn.state is not State.CLOSED
         if not busy:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(DRAIN_STEP_S)
         with contextlib.suppress(BlockingIOError):
             os.write(heartbeat_fd, b".")
         _flush_access_log()
+    for listener in worker.every_listener():
+        for conn in list(listener.connections):
+            conn.abandon()
     for pool in worker.pools.values():
         pool.close_all()
+    await asyncio.sleep(DRAIN_STEP_S)  # let the last answers go out
     for listener in worker.every_listener():
         for conn in list(listener.connections):
             transport = conn.transport
-            # abort what is still busy, or still flushing to a client that does not read
-            if transport is not None and (
-                conn.state is not State.CLOSED or transport.get_write_buffer_size()
-            ):
+            # still flushing to a client that does not read: reset
+            if transport is not None and transport.get_write_buffer_size():
                 conn._close(abort=True)
-    await asyncio.sleep(0)
 
 
 async def _start_listener(worker: WorkerState, listener: Listener, sock: socket.socket) -> None:

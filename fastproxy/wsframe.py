@@ -337,3 +337,53 @@ class FrameScanner:
         if pos > run:
             out.append(data if run == 0 and pos == n else data[run:pos])
         return None
+
+
+class FrameTracker:
+    """Where the frame boundaries fall in one direction of a ``tunnel``-mode WebSocket.
+
+    Nothing is checked: only the lengths in the frame headers are read, which is just enough to
+    write a frame of fastproxy's own (a Close 1001 at shutdown) between two of the peer's. A
+    header split across reads is kept (at most 13 bytes) until the rest arrives.
+    """
+
+    __slots__ = ("_head", "_left")
+
+    def __init__(self) -> None:
+        self._head = b""
+        #: payload bytes of the current frame still to come
+        self._left = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._left > 0 or bool(self._head)
+
+    def feed(self, data: bytes) -> None:
+        size = len(data)
+        left = self._left
+        if left >= size:  # the common read: inside one frame's payload
+            self._left = left - size
+            return
+        pos = left
+        if self._head:
+            data = self._head + data  # at most 13 bytes of a header, once
+            size = len(data)
+            pos = 0
+            self._head = b""
+        while pos < size:
+            if size - pos < 2:
+                self._head = data[pos:]
+                self._left = 0
+                return
+            second = data[pos + 1]
+            length = second & 0x7F
+            extra = 2 if length == 126 else 8 if length == 127 else 0
+            need = 2 + extra + (4 if second & 0x80 else 0)
+            if size - pos < need:
+                self._head = data[pos:]
+                self._left = 0
+                return
+            if extra:
+                length = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
+            pos += need + length
+        self._left = pos - size

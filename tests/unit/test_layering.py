@@ -41,6 +41,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "policy",
             "runtime",
             "upstream",
+            "wsframe",
             "wsrelay",
         },
         {"uvloop", "orjson"},
