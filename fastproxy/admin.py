@@ -1,4 +1,4 @@
-"""The admin listener: ``/metrics``, ``/livez``, ``/readyz``.
+"""The admin listener: ``/metrics``, ``/livez``, ``/readyz``, ``/routes``.
 
 [I/O] Imports ``metrics`` only; runs inside every worker, so the master never serves traffic
 nor runs a thread. One request per connection (``Connection: close``): scrapes and probes are
@@ -19,6 +19,10 @@ class WorkerView(Protocol):
     """What the admin endpoints read from the worker."""
 
     draining: bool
+
+    def routes_json(self) -> bytes:
+        """The compiled tables of the current generation, as JSON."""
+        ...
 
 
 class AdminProtocol(asyncio.Protocol):
@@ -57,6 +61,8 @@ class AdminProtocol(asyncio.Protocol):
                 self._reply(503, b"text/plain", b"draining\n")
             else:
                 self._reply(200, b"text/plain", b"ready\n")
+        elif path == b"/routes":
+            self._reply(200, b"application/json", self.worker.routes_json())
         else:
             self._reply(404, b"text/plain", b"not found\n")
 

@@ -31,7 +31,7 @@ from fastproxy.config import (
     UpstreamConfig,
     WebSocketMode,
 )
-from fastproxy.policy import PrefixTable
+from fastproxy.policy import PrefixTable, Rule
 
 #: what a listener without TLS calls itself in X-Forwarded-Proto and in Host checks
 HTTP_SCHEME = b"http"
@@ -96,9 +96,48 @@ class Snapshot:
             http_parser=config.http_parser,
         )
 
+    def routes(self) -> dict[str, object]:
+        """The compiled tables per listener, as plain data (admin ``/routes``)."""
+        return {
+            "generation": self.generation,
+            "source": self.config.source,
+            "http_parser": self.http_parser.value,
+            "listeners": {
+                name: {
+                    "bind": str(plan.config.bind),
+                    "policy": plan.config.policy,
+                    "mode": plan.config.mode.value,
+                    "upstream": plan.upstream,
+                    "websocket_mode": plan.config.websocket_mode.value,
+                    "rules": [_rule(rule) for rule in plan.table.rules],
+                    "fallback": _rule(plan.table.fallback),
+                }
+                for name, plan in self.listeners.items()
+            },
+            "upstreams": {
+                name: {
+                    "servers": [str(server) for server in spec.servers],
+                    "balance": spec.balance.value,
+                }
+                for name, spec in self.upstreams.items()
+            },
+        }
+
     def binds(self) -> dict[str, Address]:
         """Listener name -> bind address (the sockets this generation needs)."""
         return {name: plan.config.bind for name, plan in self.listeners.items()}
+
+
+def _rule(rule: Rule) -> dict[str, object]:
+    return {
+        "name": rule.name,
+        "prefix": rule.prefix.decode("ascii"),
+        "action": rule.action.value,
+        "rewrite_to": None if rule.rewrite_to is None else rule.rewrite_to.decode("ascii"),
+        "upstream": rule.upstream,
+        "max_body_bytes": rule.max_body_bytes,
+        "allow": sorted(refusal.value for refusal in rule.allow),
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,6 +186,10 @@ class WorkerState:
     def config(self) -> Config:
         return self.snapshot.config
 
+    def routes_json(self) -> bytes:
+        """Admin ``/routes``: this worker's current generation, compiled."""
+        return orjson.dumps(self.snapshot.routes(), option=orjson.OPT_INDENT_2)
+
     def every_listener(self) -> list[Listener]:
         """Current listeners and those a reload removed that still have connections."""
         self.retired_listeners = [lis for lis in self.retired_listeners if lis.connections]

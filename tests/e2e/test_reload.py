@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.client import HttpConnection, WebSocketClient, get
+from conftest import running_upstream
+from support.client import ConnectionClosedError, HttpConnection, WebSocketClient, get
 from support.proxy import ProxyFactory, RunningProxy, free_port, merge
 from support.upstream import RecordingUpstream
 
@@ -67,6 +68,18 @@ def test_reload_applies_routes_without_closing_anything(factory: ProxyFactory) -
 
         # the same keep-alive connection: its next request follows the new routes
         assert kept.get("/extra").status == 200
+        routes = get(proxy.admin_port, "/routes").json()
+        assert routes["generation"] == 2
+        rules = {rule["name"]: rule for rule in routes["listeners"]["sdk"]["rules"]}
+        assert rules["extra"] == {
+            "name": "extra",
+            "prefix": "/extra",
+            "action": "forward",
+            "rewrite_to": None,
+            "upstream": None,
+            "max_body_bytes": 64 * 1024 * 1024,
+            "allow": [],
+        }
         assert get(proxy.sdk_port, "/extra").status == 200
         ws.send_text("after")
         assert ws.recv() == "after"
@@ -167,3 +180,73 @@ def test_reload_changes_the_number_of_workers(factory: ProxyFactory) -> None:
     assert len(proxy.worker_pids()) == 1
     assert get(proxy.sdk_port, "/api/1/devices").status == 200
     assert not any("respawning" in m for m in proxy.messages())
+
+
+def test_reload_under_load_drops_nothing(
+    factory: ProxyFactory, upstream: RecordingUpstream
+) -> None:
+    """20 reloads alternating two configurations (a route, a limit, an upstream server), one
+    invalid file among them, under keep-alive load and with 200 WebSockets open."""
+    with running_upstream() as second:
+        proxy = _start(factory)
+        pids = sorted(proxy.worker_pids())
+        with_route = merge(
+            proxy.document,
+            {
+                "policies": {"sdk-plus": EXTRA_RULE},
+                "listeners": {"sdk": {"limits": {"max_headers": 50}}},
+            },
+        )
+        without_route = merge(
+            proxy.document,
+            {"upstreams": {"cobrowse": {"servers": [upstream.address, second.address]}}},
+        )
+        failures: list[str] = []
+        answered = [0]
+        stop = threading.Event()
+
+        def load() -> None:
+            with HttpConnection(proxy.sdk_port, timeout=30) as conn:
+                while not stop.is_set():
+                    try:
+                        status = conn.get("/api/1/devices").status
+                    except (OSError, ConnectionClosedError) as err:
+                        failures.append(repr(err))
+                        return
+                    if status != 200:
+                        failures.append(str(status))
+                    answered[0] += 1
+
+        sockets = [WebSocketClient(proxy.sdk_port, f"/sockets/1/{i}") for i in range(200)]
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            generation = 1
+            for round_ in range(21):
+                if round_ == 10:
+                    proxy.reload(
+                        text=proxy.config_text.replace("[listeners.sdk]", "[listeners.sdk")
+                    )
+                    proxy.wait_for_message("reload failed, still serving", count=1)
+                else:
+                    routed = generation % 2 == 1
+                    proxy.reload(with_route if routed else without_route)
+                    generation += 1
+                    proxy.wait_for_message(f"generation {generation} applied by every worker")
+                    assert get(proxy.sdk_port, "/extra").status == (200 if routed else 403)
+                for index, ws in enumerate(sockets):
+                    ws.send_text(f"{round_}-{index}")
+                for index, ws in enumerate(sockets):
+                    assert ws.recv() == f"{round_}-{index}"
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+            for ws in sockets:
+                ws.close()
+        assert generation == 21
+        assert failures == []
+        assert answered[0] > 0
+        assert sorted(proxy.worker_pids()) == pids
+        assert second.requests(), "the added server took requests"

@@ -93,3 +93,23 @@ def test_runtime_diff_sees_workers_and_admin() -> None:
     new = Snapshot.build(_config("workers = 3\nadmin = false\n" + BASE), 2)
     changes = diff(old, new)
     assert changes.workers and changes.admin
+
+
+def test_runtime_routes_are_the_compiled_tables_as_data() -> None:
+    routes = Snapshot.build(load_config(None), 4).routes()
+    assert routes["generation"] == 4
+    listeners = routes["listeners"]
+    assert isinstance(listeners, dict)
+    agent = listeners["agent"]
+    assert agent["fallback"] == {
+        "name": "fallback",
+        "prefix": "",
+        "action": "rewrite",
+        "rewrite_to": "/index.html",
+        "upstream": None,
+        "max_body_bytes": 64 * 1024 * 1024,
+        "allow": [],
+    }
+    prefixes = {rule["prefix"]: rule["action"] for rule in agent["rules"]}
+    assert prefixes["/sockets/1/"] == "websocket"
+    assert prefixes["/api/1/"] == "forward"

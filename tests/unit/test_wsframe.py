@@ -24,6 +24,7 @@ from fastproxy.wsframe import (
     OP_PONG,
     FrameError,
     FrameScanner,
+    FrameTracker,
     close_code_allowed,
     close_frame,
     close_status,
@@ -532,3 +533,39 @@ def test_scanner_never_stricter_than_wsproto(data: st.DataObject, masked: bool) 
     if not wsproto_refuses and not closed:
         assert b"".join(out) == stream
     assert stream.startswith(b"".join(out)), "only whole frames, in order, from the start"
+
+
+# -- FrameTracker: frame boundaries in tunnel mode ----------------------------------------------
+
+
+def _raw_frame(payload_size: int, *, masked: bool) -> bytes:
+    """A frame header of the minimal form for ``payload_size`` (7, 16 or 64-bit length)."""
+    mask_bit = 0x80 if masked else 0
+    if payload_size < 126:
+        header = bytes([0x82, mask_bit | payload_size])
+    elif payload_size < 1 << 16:
+        header = bytes([0x82, mask_bit | 126]) + payload_size.to_bytes(2, "big")
+    else:
+        header = bytes([0x82, mask_bit | 127]) + payload_size.to_bytes(8, "big")
+    return header + (b"\x01\x02\x03\x04" if masked else b"") + b"p" * payload_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 5, 125, 126, 300, 65535, 65536, 70000]), max_size=6),
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=200_000), max_size=8),
+)
+def test_frame_tracker_knows_the_boundaries(
+    sizes: list[int], masked: bool, cuts: list[int]
+) -> None:
+    frames = [_raw_frame(size, masked=masked) for size in sizes]
+    stream = b"".join(frames)
+    boundaries = set(itertools.accumulate(len(frame) for frame in frames)) | {0}
+    points = sorted({min(cut, len(stream)) for cut in cuts} | {len(stream)})
+    tracker = FrameTracker()
+    start = 0
+    for point in points:
+        tracker.feed(stream[start:point])
+        start = point
+        assert tracker.mid_frame is (point not in boundaries), (point, sorted(boundaries))
