@@ -31,11 +31,13 @@ from collections.abc import Callable, Mapping
 from importlib import metadata
 
 from fastproxy import __version__, config, log
-from fastproxy.config import Address, Config, ListenerConfig, Mode
+from fastproxy.config import Address, Config, ListenerConfig
 from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
-from fastproxy.headers import valid_method
+from fastproxy.exchange import Admission, Verdict, admit
+from fastproxy.http1 import RequestHead
 from fastproxy.master import BindError, Master, bind_listener
-from fastproxy.policy import Action, Decision, PrefixTable, Refusal
+from fastproxy.policy import Action, Decision, Refusal
+from fastproxy.runtime import Snapshot
 from fastproxy.systemd import SystemdError
 
 logger = logging.getLogger(__name__)
@@ -334,71 +336,63 @@ def _suggest(name: str, known: Mapping[str, object]) -> str:
 def explain(
     cfg: Config, listener: ListenerConfig, method: bytes, target: bytes
 ) -> list[tuple[str, str]]:
-    """Return the ``(label, text)`` lines of ``fastproxy explain`` for one request."""
+    """Return the ``(label, text)`` lines of ``fastproxy explain`` for one request.
+
+    The outcome is ``exchange.admit``'s, the function the worker runs for every request, on
+    a request with this method and target and a Host that fits them; only the words are
+    added here.
+    """
     mode = listener.mode.value
     lines = [
         ("listener", f"{listener.name} ({listener.bind}, policy {listener.policy}, {mode} mode)"),
         ("request", f"{_show(method)} {_show(target)}"),
     ]
-    if not valid_method(method):
-        lines += [
-            ("decision", "400 bad_method"),
-            ("upstream", "none: answered by fastproxy, the connection is closed"),
-            ("why", "a method is upper-case letters, '_' and '-' only"),
-        ]
-        return lines
-    if method in listener.refused_methods:
-        lines += [
-            ("decision", "405 method_not_allowed"),
-            ("upstream", "none: answered by fastproxy"),
-            ("why", f"{_show(method)} is refused on this listener before the path is looked at"),
-        ]
-        return lines
-
-    decision = PrefixTable(listener.rules, listener.fallback).decide(target)
-    if decision.refusal is not None:
-        reason = REFUSAL_REASONS.get(decision.refusal, decision.refusal.value)
-        lines += [
-            ("canonical", "none: the target is not a clean path"),
-            ("decision", f"400 {decision.refusal.value}"),
-            ("upstream", "none: answered by fastproxy, the connection is closed"),
-            ("why", f"the target has {reason}"),
-        ]
-        return lines
-
-    rule = decision.rule
-    fallback = rule.prefix == b"" or rule == listener.fallback
-    lines.append(("canonical", _show(decision.path)))
-    if decision.authority is not None:
-        lines.append(("authority", f"{_show(decision.authority)} (from the absolute-form target)"))
-    lines.append(
-        ("rule", "(fallback)" if fallback else f"{rule.name} (prefix {_show(rule.prefix)})")
+    snapshot = Snapshot.build(cfg, 1)
+    plan = snapshot.listeners[listener.name]
+    host = plan.table.decide(target).authority or str(listener.bind).encode()
+    admission = admit(
+        RequestHead(method, target, b"1.1", [(b"Host", host)]),
+        plan,
+        trusted=False,
+        peer=b"192.0.2.1",
+        new_request_id=lambda: b"explain",
+        default_hosts=snapshot.default_hosts,
     )
-    if fallback:
-        matched = f"no rule of {listener.policy} matches {_show(decision.path)}; the fallback"
-    else:
-        matched = f"the longest matching prefix is {_show(rule.prefix)}, rule {rule.name}, which"
-    forwarded = _upstream_text(cfg, listener, decision)
+    decision = admission.decision
+    matched = ""
+    if decision is not None and decision.refusal is None:
+        rule = decision.rule
+        fallback = rule.prefix == b"" or rule == listener.fallback
+        lines.append(("canonical", _show(decision.path)))
+        if decision.authority is not None:
+            lines.append(
+                ("authority", f"{_show(decision.authority)} (from the absolute-form target)")
+            )
+        lines.append(
+            ("rule", "(fallback)" if fallback else f"{rule.name} (prefix {_show(rule.prefix)})")
+        )
+        if fallback:
+            matched = f"no rule of {listener.policy} matches {_show(decision.path)}; the fallback"
+        else:
+            matched = (
+                f"the longest matching prefix is {_show(rule.prefix)}, rule {rule.name}, which"
+            )
+    elif decision is not None and admission.status != 204:
+        lines.append(("canonical", "none: the target is not a clean path"))
 
-    if rule.action is Action.DENY and listener.mode is Mode.ENFORCE:
-        lines += [
-            ("decision", "deny 403"),
-            ("upstream", "none: a denied request never reaches an upstream"),
-            ("why", f"{matched} denies"),
-        ]
-    elif rule.action is Action.DENY:
+    if admission.status:
+        return lines + _explain_local(admission, method, matched)
+    assert decision is not None
+    forwarded = _upstream_text(cfg, listener, decision)
+    verdict = admission.verdict
+    rule = decision.rule
+    if verdict is Verdict.WOULD_DENY:
         lines += [
             ("decision", f"would_deny: report mode forwards it as {_show(decision.target)}"),
             ("upstream", forwarded),
             ("why", f"{matched} denies; in report mode it is forwarded, counted and logged"),
         ]
-    elif rule.action is Action.REWRITE and method not in (b"GET", b"HEAD"):
-        lines += [
-            ("decision", "405 method_not_allowed"),
-            ("upstream", "none: answered by fastproxy, the connection is closed"),
-            ("why", f"{matched} rewrites to a fixed document, which only GET and HEAD may read"),
-        ]
-    elif rule.action is Action.REWRITE:
+    elif verdict is Verdict.REWRITE:
         lines += [
             ("decision", f"rewrite -> {_show(decision.target)}"),
             ("upstream", forwarded),
@@ -417,6 +411,43 @@ def explain(
             ("why", f"{matched} forwards; an Upgrade header would be refused"),
         ]
     return lines
+
+
+def _explain_local(admission: Admission, method: bytes, matched: str) -> list[tuple[str, str]]:
+    """The lines of a request fastproxy answers itself."""
+    code = admission.code
+    closed = ", the connection is closed" if admission.close else ""
+    decision = admission.decision
+    if admission.status == 204:
+        return [
+            ("decision", "204: answered by fastproxy"),
+            ("upstream", "none: OPTIONS * is never forwarded"),
+            ("why", "OPTIONS * asks about the server itself, so fastproxy answers it"),
+        ]
+    if code == "forbidden":
+        return [
+            ("decision", "deny 403"),
+            ("upstream", "none: a denied request never reaches an upstream"),
+            ("why", f"{matched} denies"),
+        ]
+    if decision is not None and decision.refusal is not None:
+        reason = REFUSAL_REASONS.get(decision.refusal, decision.refusal.value)
+        why = f"the target has {reason}"
+    elif code == "bad_method":
+        why = "a method is upper-case letters, '_' and '-' only"
+    elif code == "method_not_allowed" and matched:
+        why = f"{matched} rewrites to a fixed document, which only GET and HEAD may read"
+    elif code == "method_not_allowed":
+        why = f"{_show(method)} is refused on this listener before the path is looked at"
+    elif code == "bad_host":
+        why = "the absolute-form target names another host than the Host header"
+    else:
+        why = f"the request is refused ({code})"
+    return [
+        ("decision", f"{admission.status} {code}"),
+        ("upstream", f"none: answered by fastproxy{closed}"),
+        ("why", why),
+    ]
 
 
 def _upstream_text(cfg: Config, listener: ListenerConfig, decision: Decision) -> str:

@@ -285,6 +285,10 @@ class _Req(enum.Enum):
 
 #: a chunk-size line longer than this is refused (as h11 bounds it)
 MAX_CHUNK_LINE_BYTES = 1024
+#: chunks whose data one body event joins at most: a read full of tiny chunks is handed over
+#: in slices of bounded work, so that the worker can let other connections run in between
+MAX_CHUNKS_PER_EVENT = 1024
+_MAX_SPANS = 2 * MAX_CHUNKS_PER_EVENT
 
 
 class _Body(enum.Enum):
@@ -325,11 +329,14 @@ class ClientLeg:
         "_remaining",
         "_req",
         "_sent_end",
+        "capped",
         "copied",
     )
 
     def __init__(self) -> None:
         self._body: _Body | None = None  # None until a final response head is written
+        #: the last body event stopped at ``MAX_CHUNKS_PER_EVENT``: more is ready without a read
+        self.capped = False
         self._remaining = 0
         self._sent_end = False
         self._head_request = False
@@ -430,6 +437,7 @@ class ClientLeg:
         state = self._req
         spans: list[int] = []
         ended = False
+        capped = False
         try:
             while pos < end:
                 if state is _Req.CHUNK_DATA:
@@ -452,6 +460,9 @@ class ClientLeg:
                     pos += 2
                     state = _Req.CHUNK_SIZE
                     continue
+                if len(spans) >= _MAX_SPANS:
+                    capped = True
+                    break  # enough chunks for one event; the rest on the next call
                 # a chunk-size line, or the empty line after the last chunk (no trailers)
                 line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES + 2)
                 if line_end < 0:
@@ -480,6 +491,7 @@ class ClientLeg:
                 pos = 0
             self._pos = pos
             self._req = state
+            self.capped = capped
         if spans:
             if ended:
                 self._body_left = 0
@@ -770,6 +782,7 @@ class UpstreamLeg:
         "_scanned",
         "_state",
         "_trailer_left",
+        "capped",
         "copied",
         "declared_length",
         "overrun",
@@ -777,6 +790,8 @@ class UpstreamLeg:
     )
 
     def __init__(self) -> None:
+        #: the last body event stopped at ``MAX_CHUNKS_PER_EVENT``: more is ready without a read
+        self.capped = False
         # unread response bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
         self._buf: bytes | bytearray = b""
         self._pos = 0
@@ -1042,6 +1057,7 @@ class UpstreamLeg:
         state = self._state
         spans: list[int] = []
         ended = False
+        capped = False
         try:
             while pos < end:
                 if state is _Up.CHUNK_DATA:
@@ -1064,6 +1080,9 @@ class UpstreamLeg:
                     pos += 2
                     state = _Up.CHUNK_SIZE
                 elif state is _Up.CHUNK_SIZE:
+                    if len(spans) >= _MAX_SPANS:
+                        capped = True
+                        break  # enough chunks for one event; the rest on the next call
                     line_end = buf.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX + 2)
                     if line_end < 0:
                         if end - pos > _CHUNK_LINE_MAX + 1 or buf.find(b"\n", pos) >= 0:
@@ -1105,6 +1124,7 @@ class UpstreamLeg:
                 self.overrun = True  # bytes after the last chunk's empty line
             self._pos = pos
             self._state = state
+            self.capped = capped
         if spans:
             if ended:
                 self._remaining = 0

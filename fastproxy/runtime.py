@@ -85,6 +85,8 @@ class Snapshot:
     listeners: Mapping[str, ListenerPlan]
     upstreams: Mapping[str, UpstreamConfig]
     http_parser: HttpParser
+    #: the Host sent to each upstream for an HTTP/1.0 request that has none: its first server
+    default_hosts: Mapping[str, bytes]
 
     @classmethod
     def build(cls, config: Config, generation: int) -> Snapshot:
@@ -94,6 +96,11 @@ class Snapshot:
             listeners={name: ListenerPlan.build(lc) for name, lc in config.listeners.items()},
             upstreams=dict(config.upstreams),
             http_parser=config.http_parser,
+            default_hosts={
+                name: str(spec.servers[0]).encode()
+                for name, spec in config.upstreams.items()
+                if spec.servers
+            },
         )
 
     def routes(self) -> dict[str, object]:

@@ -48,17 +48,8 @@ from fastproxy import admin, control, log
 from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import ConfigError, FastproxyError
-from fastproxy.headers import (
-    RequestInfo,
-    RequestRefused,
-    check_websocket_handshake,
-    inspect_request,
-    response_headers,
-    same_authority,
-    trusted_request_id,
-    upstream_headers,
-    valid_method,
-)
+from fastproxy.exchange import Verdict, admit
+from fastproxy.headers import RequestInfo, RequestRefused, response_headers
 from fastproxy.http1 import (
     ClientLeg,
     Ev,
@@ -69,7 +60,7 @@ from fastproxy.http1 import (
     UpstreamBroken,
 )
 from fastproxy.metrics import WorkerMetrics
-from fastproxy.policy import Action, Decision, Refusal
+from fastproxy.policy import Decision
 from fastproxy.runtime import ListenerPlan, Snapshot, diff
 from fastproxy.upstream import UpstreamPool, UpstreamProtocol
 from fastproxy.wsframe import CLOSE_GOING_AWAY, FrameTracker, close_frame
@@ -90,10 +81,8 @@ DRAIN_STEP_S = 0.05
 #: on SIGTERM, an idle keep-alive connection is closed once it has been quiet this long
 DRAIN_QUIET_S = 0.5
 _INT_ZERO = bytes(4)
-#: methods whose body some backends ignore, reading it as the next request ("CL.0")
-BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
-#: the methods a rewritten request (the SPA fallback) may carry
-REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
+#: a forwarded request that fastproxy ends up answering itself (502, 504...) is an error
+_FAILED_IF_ANSWERED_HERE = frozenset({Verdict.FORWARD, Verdict.REWRITE, Verdict.WEBSOCKET})
 #: requests that may be sent again when a pooled connection turns out to be closed
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
@@ -242,7 +231,7 @@ class Cycle:
         self.info: RequestInfo | None = None
         self.decision: Decision | None = None
         self.request_id = b""
-        self.verdict = "reject"
+        self.verdict = Verdict.REJECT
         self.status = 0
         self.upstream: UpstreamProtocol | None = None
         self.upstream_name = ""
@@ -270,6 +259,7 @@ class ClientProtocol(asyncio.Protocol):
         "last_ws_activity",
         "listener",
         "peer",
+        "pump_yielded",
         "read_paused",
         "relay",
         "scanner",
@@ -303,6 +293,8 @@ class ClientProtocol(asyncio.Protocol):
         self.timer: Callable[[ClientProtocol], None] | None = None
         self.deadline_tick = 0  # owned by ``worker.deadlines``
         self.read_paused = False
+        #: a read full of tiny chunks is being worked through a slice per loop pass
+        self.pump_yielded = False
         self.upstream_write_blocked = False
         self.client_write_blocked = False
         self.blocked_since = 0.0
@@ -534,7 +526,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         cycle = self.cycle
         want_pause = (
-            self.upstream_write_blocked
+            self.pump_yielded
+            or self.upstream_write_blocked
             or (self.client_write_blocked and self.state is State.HEAD)
             or (
                 cycle is not None
@@ -596,120 +589,45 @@ class ClientProtocol(asyncio.Protocol):
             self._start(cycle)
 
     def _start(self, cycle: Cycle) -> None:
-        head = cycle.head
-        listener = self.listener
         plan = cycle.plan
-        try:
-            info = inspect_request(head.headers)
-        except RequestRefused as refused:
-            cycle.request_id = self.worker.next_request_id()
-            self._local_reply(cycle, refused.status, refused.code, close=True)
-            return
-        cycle.info = info
         if plan is not self.trust_plan:  # a reload: trusted_proxies may have changed
             self.trusted = self._is_trusted(plan)
             self.trust_plan = plan
-        trusted = self.trusted
-        cycle.request_id = (
-            info.request_id
-            if trusted and trusted_request_id(info.request_id) and info.request_id is not None
-            else self.worker.next_request_id()
+        worker = self.worker
+        admission = admit(
+            cycle.head,
+            plan,
+            trusted=self.trusted,
+            peer=self.peer,
+            new_request_id=worker.next_request_id,
+            default_hosts=worker.snapshot.default_hosts,
         )
-        if info.host is None and head.http_version == b"1.1":
-            # RFC 9112 3.2 (h11 checks it too; llhttp does not)
-            self._local_reply(cycle, 400, "bad_host", close=True)
+        cycle.info = admission.info
+        cycle.request_id = admission.request_id
+        cycle.decision = decision = admission.decision
+        verdict = cycle.verdict = admission.verdict
+        if admission.status:
+            self._local_reply(
+                cycle,
+                admission.status,
+                admission.code,
+                close=admission.close,
+                allow=admission.allow,
+            )
             return
-        if not valid_method(head.method):
-            # one positive rule (upper-case tokens), so a method-keyed refusal below holds in
-            # every spelling: backends such as Django and Werkzeug upper-case what they get
-            self._local_reply(cycle, 400, "bad_method", close=True)
-            return
-        if head.method in plan.refused_methods:
-            self._local_reply(cycle, 405, "method_not_allowed", close=info.has_body)
-            return
-        if info.chunked and head.http_version == b"1.0":
-            # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
-            self._local_reply(cycle, 400, "bad_request", close=True)
-            return
-        if info.has_body and head.method in BODILESS_METHODS:
-            # A backend that ignores GET/HEAD bodies would read this one as the next request.
-            self._local_reply(cycle, 400, "unexpected_body", close=True)
-            return
-        decision = plan.table.decide(head.target)
-        cycle.decision = decision
-        if decision.refusal is not None:
-            if decision.refusal is Refusal.ASTERISK_FORM and head.method == b"OPTIONS":
-                cycle.verdict = "local"
-                self._local_reply(cycle, 204, "", close=info.has_body)
-                return
-            self._local_reply(cycle, 400, decision.refusal.value, close=True)
-            return
-        if decision.authority is not None and (
-            info.host is None
-            or not same_authority(decision.authority, info.host, plan.default_port)
-        ):
-            self._local_reply(cycle, 400, "bad_host", close=True)
-            return
-        rule = decision.rule
-        action = rule.action
-        if info.upgrade:
-            if info.upgrade != (b"websocket",):
-                self._local_reply(cycle, 400, "unsupported_upgrade", close=True)
-                return
-            if action is not Action.WEBSOCKET:
-                cycle.verdict = "deny"
-                self._local_reply(cycle, 403, "upgrade_forbidden", close=True)
-                return
-            try:
-                check_websocket_handshake(head.method, head.http_version, info)
-            except RequestRefused as refused:
-                self._local_reply(cycle, refused.status, refused.code, close=True)
-                return
-            cycle.websocket = True
-        if action is Action.DENY:
-            if plan.report:
-                cycle.verdict = "would_deny"
-                if logger.isEnabledFor(logging.INFO):
-                    logger.info(
-                        "would deny %r on listener %s (report mode)",
-                        decision.path[:200],
-                        listener.name,
-                        extra={"listener": listener.name, "decision": "would_deny"},
-                    )
-            else:
-                cycle.verdict = "deny"
-                self._local_reply(cycle, 403, "forbidden", close=info.has_body)
-                return
-        elif action is Action.REWRITE and head.method not in REWRITE_METHODS:
-            # A rewrite serves one fixed document (the SPA's index): only reads make sense, as a
-            # static file server answers 405 to a POST (RFC 9110 15.5.6: Allow lists the rest).
-            self._local_reply(cycle, 405, "method_not_allowed", close=True, allow=b"GET, HEAD")
-            return
-        else:
-            cycle.verdict = action.value
-        if info.content_length is not None and info.content_length > rule.max_body_bytes:
-            self._local_reply(cycle, 413, "body_too_large", close=True)
-            return
-        upstream_name = rule.upstream or plan.upstream
-        cycle.upstream_name = upstream_name
-        pool = self.worker.pools[upstream_name]
-        cycle.pool = pool
-        host = info.host
-        if host is None:
-            host = pool.servers[0].label.encode()
-        headers = upstream_headers(
-            head.headers,
-            info,
-            host=host,
-            client_ip=self.peer,
-            trusted=trusted,
-            proto=plan.scheme,
-            request_id=cycle.request_id,
-            keep=plan.keep_headers,
-            websocket=cycle.websocket,
-            forwarded=plan.forwarded_header,
-        )
-        cycle.sent_head = (head.method, decision.target, headers)
+        assert decision is not None
+        if verdict is Verdict.WOULD_DENY and logger.isEnabledFor(logging.INFO):
+            name = self.listener.name
+            logger.info(
+                "would deny %s on listener %s (report mode)",
+                decision.path[:200].decode("ascii", "backslashreplace"),
+                name,
+                extra={"listener": name, "decision": "would_deny"},
+            )
+        cycle.websocket = admission.websocket
+        upstream_name = cycle.upstream_name = admission.upstream
+        cycle.pool = worker.pools[upstream_name]
+        cycle.sent_head = (cycle.head.method, decision.target, admission.headers)
         self._acquire(cycle, fresh=False)
 
     def _is_trusted(self, plan: ListenerPlan) -> bool:
@@ -864,6 +782,11 @@ class ClientProtocol(asyncio.Protocol):
                         self._local_reply(cycle, 413, "body_too_large", close=True)
                     return
                 conn.writelines(conn.leg.body(event))
+                if leg.capped:
+                    # a read of many tiny chunks: one slice per loop pass, so that other
+                    # connections of this worker are served in between (SPEC 7)
+                    self._yield_request_pump()
+                    return
             elif event is Ev.END:
                 conn.write(conn.leg.end())
                 cycle.request_done = True
@@ -877,6 +800,32 @@ class ClientProtocol(asyncio.Protocol):
                 return
             else:
                 return  # NEED_DATA or PAUSED
+
+    def _yield_request_pump(self) -> None:
+        self.pump_yielded = True
+        self._update_reading()
+        self.worker.loop.call_soon(self._resume_request_pump)
+
+    def _resume_request_pump(self) -> None:
+        self.pump_yielded = False
+        if self.state is State.FORWARD and self.cycle is not None:
+            self._pump_request()
+        if self.state is not State.CLOSED and not self.pump_yielded:
+            self._update_reading()
+
+    def _yield_response_pump(self, cycle: Cycle) -> None:
+        conn = cycle.upstream
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+        self.worker.loop.call_soon(self._resume_response_pump, cycle)
+
+    def _resume_response_pump(self, cycle: Cycle) -> None:
+        conn = cycle.upstream
+        if cycle is not self.cycle or conn is None or self.state is not State.FORWARD:
+            return
+        if conn.transport is not None and not self.client_write_blocked:
+            conn.transport.resume_reading()
+        self._pump_response(cycle)
 
     def _pump_response(self, cycle: Cycle) -> None:
         """Move parsed response events from the upstream to the client.
@@ -910,6 +859,11 @@ class ClientProtocol(asyncio.Protocol):
             try:
                 if type(event) is bytes:
                     out += client_leg.body(event)
+                    if leg.capped:
+                        # a read of many tiny chunks: one slice per loop pass (SPEC 7)
+                        self._flush(out)
+                        self._yield_response_pump(cycle)
+                        return
                     continue
                 if type(event) is ResponseHead:
                     if event.status == 101:
@@ -1071,7 +1025,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _finish_metrics(self, cycle: Cycle, status: int) -> None:
         rule = cycle.decision.rule.name if cycle.decision is not None else "-"
-        self.worker.metrics.count_request(self.listener.name, rule, cycle.verdict, status)
+        self.worker.metrics.count_request(self.listener.name, rule, cycle.verdict.value, status)
         access = log.access
         if access is not None:
             self._access_log(access, cycle, status)
@@ -1089,7 +1043,7 @@ class ClientProtocol(asyncio.Protocol):
                 "path": (decision.path if decision else b"").decode("ascii", "replace")[:2048],
                 "listener": self.listener.name,
                 "rule": decision.rule.name if decision else "-",
-                "decision": cycle.verdict,
+                "decision": cycle.verdict.value,
                 "status": status,
                 "duration_s": round(time.monotonic() - cycle.start, 6),
                 "upstream": cycle.upstream_name,
@@ -1106,8 +1060,8 @@ class ClientProtocol(asyncio.Protocol):
         if cycle.upstream is not None:
             self._drop_upstream(cycle)
         cycle.status = status
-        if cycle.verdict in ("forward", "rewrite", "websocket"):
-            cycle.verdict = "error"
+        if cycle.verdict in _FAILED_IF_ANSWERED_HERE:
+            cycle.verdict = Verdict.ERROR
         info = cycle.info
         if (
             cycle.head.http_version != b"1.1"

@@ -35,26 +35,25 @@ from dataclasses import dataclass, field
 import h11
 
 from fastproxy.config import Limits, ListenerConfig, load_config
+from fastproxy.exchange import admit
 from fastproxy.headers import (
     FORWARDING_HEADERS,
     RequestInfo,
     RequestRefused,
-    check_websocket_handshake,
     fold,
-    inspect_request,
     is_provenance,
-    same_authority,
-    upstream_headers,
     valid_method,
 )
 from fastproxy.http1 import Ev, HeadScanner, RequestHead, ServerLeg, UpstreamLeg
-from fastproxy.policy import Action, Decision, PrefixTable, Refusal, Rule, canonicalize
+from fastproxy.policy import Action, Decision, PrefixTable, Rule, canonicalize
+from fastproxy.runtime import ListenerPlan, Snapshot
 
 __all__ = [
     "LISTENERS",
     "Exchange",
     "Listener",
     "Transcript",
+    "admit",
     "check_decision",
     "drive",
     "one_input",
@@ -65,10 +64,6 @@ CLIENT_IP = b"127.0.0.1"
 LOCAL_STATUSES = frozenset({204, 400, 403, 405, 413, 414, 431})
 #: what the model answers for every forwarded request (the upstream's response is out of scope)
 UPSTREAM_STATUS = 200
-#: as ``worker.BODILESS_METHODS`` (the pure target does not import the worker; a test compares)
-BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
-#: as ``worker.REWRITE_METHODS``
-REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
 
 _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 #: bytes a canonical path may hold: pchar without ";" (refused), plus "/" and "%" (escapes)
@@ -88,9 +83,10 @@ _WEBSOCKET_PAIR = frozenset({b"connection", b"upgrade"})
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """What the client leg of one listener needs: its table, limits and header options."""
+    """One listener of the preset as the worker runs it: its ``runtime.ListenerPlan``."""
 
     name: str
+    plan: ListenerPlan
     table: PrefixTable
     limits: Limits
     refused_methods: frozenset[bytes]
@@ -98,12 +94,14 @@ class Listener:
 
     @classmethod
     def from_config(cls, config: ListenerConfig) -> Listener:
+        plan = ListenerPlan.build(config)
         return cls(
             name=config.name,
-            table=PrefixTable(config.rules, config.fallback),
-            limits=config.limits,
-            refused_methods=config.refused_methods,
-            keep_headers=config.keep_headers,
+            plan=plan,
+            table=plan.table,
+            limits=plan.limits,
+            refused_methods=plan.refused_methods,
+            keep_headers=plan.keep_headers,
         )
 
 
@@ -111,6 +109,8 @@ _PRESET = load_config(None)
 SDK = Listener.from_config(_PRESET.listeners["sdk"])
 AGENT = Listener.from_config(_PRESET.listeners["agent"])
 LISTENERS: tuple[Listener, ...] = (SDK, AGENT)
+#: the Host the worker sends for an HTTP/1.0 request without one
+DEFAULT_HOSTS = Snapshot.build(_PRESET, 1).default_hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,77 +227,40 @@ class ClientModel:
             self._start(leg, event, head_bytes)
 
     def _start(self, leg: ServerLeg, head: RequestHead, raw_head: bytes) -> None:
+        """``worker._start``: the very ``exchange.admit`` the worker runs, then its checks."""
         listener = self.listener
-        self.info = None
-        try:
-            info = inspect_request(head.headers)
-        except RequestRefused as refused:
-            self._reply(leg, head, refused.status, refused.code, close=True)
-            return
-        self.info = info
-        if not valid_method(head.method):
-            self._reply(leg, head, 400, "bad_method", close=True)
-            return
-        if head.method in listener.refused_methods:
-            self._reply(leg, head, 405, "method_not_allowed", close=info.has_body)
-            return
-        if info.chunked and head.http_version == b"1.0":
-            self._reply(leg, head, 400, "bad_request", close=True)
-            return
-        if info.has_body and head.method in BODILESS_METHODS:
-            self._reply(leg, head, 400, "unexpected_body", close=True)
-            return
-        decision = listener.table.decide(head.target)
-        if decision.refusal is not None:
-            check_refusal(listener.table, decision)
-            if decision.refusal is Refusal.ASTERISK_FORM and head.method == b"OPTIONS":
-                self._reply(leg, head, 204, "", close=info.has_body)
-                return
-            self._reply(leg, head, 400, decision.refusal.value, close=True)
-            return
-        check_decision(listener.table, head.target, decision)
-        if decision.authority is not None and (
-            info.host is None or not same_authority(decision.authority, info.host, b"80")
-        ):
-            self._reply(leg, head, 400, "bad_host", close=True)
-            return
-        rule = decision.rule
-        websocket = False
-        if info.upgrade:
-            if info.upgrade != (b"websocket",):
-                self._reply(leg, head, 400, "unsupported_upgrade", close=True, rule=rule)
-                return
-            if rule.action is not Action.WEBSOCKET:
-                self._reply(leg, head, 403, "upgrade_forbidden", close=True, rule=rule)
-                return
-            try:
-                check_websocket_handshake(head.method, head.http_version, info)
-            except RequestRefused as refused:
-                self._reply(leg, head, refused.status, refused.code, close=True, rule=rule)
-                return
-            websocket = True
-        if rule.action is Action.DENY:  # the preset listeners enforce
-            self._reply(leg, head, 403, "forbidden", close=info.has_body, rule=rule)
-            return
-        if rule.action is Action.REWRITE and head.method not in REWRITE_METHODS:
-            self._reply(leg, head, 405, "method_not_allowed", close=True, rule=rule)
-            return
-        if info.content_length is not None and info.content_length > rule.max_body_bytes:
-            self._reply(leg, head, 413, "body_too_large", close=True, rule=rule)
-            return
         self._request_ids += 1
-        headers = upstream_headers(
-            head.headers,
-            info,
-            host=info.host if info.host is not None else b"127.0.0.1:8000",
-            client_ip=CLIENT_IP,
+        admission = admit(
+            head,
+            listener.plan,
             trusted=False,
-            proto=b"http",
-            request_id=b"fuzz-%d" % self._request_ids,
-            keep=listener.keep_headers,
-            websocket=websocket,
-            forwarded=False,
+            peer=CLIENT_IP,
+            new_request_id=lambda: b"fuzz-%d" % self._request_ids,
+            default_hosts=DEFAULT_HOSTS,
         )
+        info = self.info = admission.info
+        decision = admission.decision
+        rule = decision.rule if decision is not None and decision.refusal is None else None
+        if decision is not None:
+            if decision.refusal is not None:
+                check_refusal(listener.table, decision)
+            else:
+                check_decision(listener.table, head.target, decision)
+        if admission.status:
+            self._reply(
+                leg, head, admission.status, admission.code, close=admission.close, rule=rule
+            )
+            return
+        assert info is not None and decision is not None and rule is not None
+        # invariants of a forward, checked here against the request as the client sent it
+        assert valid_method(head.method), head.method
+        assert head.method not in listener.refused_methods, head.method
+        assert not (info.has_body and head.method in (b"GET", b"HEAD")), head.method
+        assert info.host is not None or head.http_version == b"1.0"
+        assert rule.action is not Action.DENY  # the preset listeners enforce
+        assert rule.action is not Action.REWRITE or head.method in (b"GET", b"HEAD")
+        headers = admission.headers
+        websocket = admission.websocket
         check_upstream_headers(headers, info, websocket=websocket, listener=listener)
         check_raw_framing(raw_head)
         upstream = UpstreamLeg()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastproxy import worker
+from fastproxy import exchange, worker
 from fastproxy.policy import PathRefused, canonicalize
 
 from . import targets
@@ -161,9 +161,10 @@ def test_the_long_run_driver_finds_nothing_on_a_short_run() -> None:
     assert not report.failures, list(report.failures.values())
 
 
-def test_model_uses_the_worker_constants() -> None:
-    assert targets.BODILESS_METHODS == worker.BODILESS_METHODS
-    assert targets.REWRITE_METHODS == worker.REWRITE_METHODS
+def test_model_admits_with_the_worker_code() -> None:
+    # the model's admission is exchange.admit itself, as the worker's is: nothing to drift
+    assert targets.admit is exchange.admit
+    assert vars(worker)["admit"] is exchange.admit
 
 
 # -- findings -----------------------------------------------------------------------------------

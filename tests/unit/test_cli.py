@@ -322,3 +322,16 @@ def test_log_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
 def test_log_unknown_level() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         log.setup("loud")
+
+
+def test_cli_explain_says_what_the_proxy_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    # explain runs the worker's own admission code: OPTIONS * is the 204 the proxy answers
+    fields = explain_lines(capsys, "--listener", "sdk", "OPTIONS *")
+    assert fields["decision"] == "204: answered by fastproxy"
+    fields = explain_lines(capsys, "--listener", "agent", "POST /some/page")
+    assert fields["decision"] == "405 method_not_allowed"
+    assert "only GET and HEAD" in fields["why"]
+    fields = explain_lines(capsys, "--listener", "sdk", "trace /api/1/devices")
+    assert fields["decision"] == "400 bad_method"
+    fields = explain_lines(capsys, "--listener", "sdk", "GET http://other.example/api/1/devices")
+    assert fields["decision"] == "forward as /api/1/devices"  # Host follows the target here

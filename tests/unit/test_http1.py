@@ -6,6 +6,7 @@ import pytest
 
 from fastproxy.headers import RequestRefused
 from fastproxy.http1 import (
+    MAX_CHUNKS_PER_EVENT,
     MAX_RESPONSE_HEAD_BYTES,
     MAX_RESPONSE_TRAILER_BYTES,
     ClientLeg,
@@ -743,3 +744,43 @@ def test_head_scanner_blank_lines_split_between_cr_and_lf() -> None:
 def test_head_scanner_refuses_bare_cr_or_lf_among_blank_lines(data: bytes) -> None:
     with pytest.raises(RequestRefused):
         _scan(data)
+
+
+def test_http1_tiny_chunks_come_in_slices_of_bounded_work() -> None:
+    count = 3 * MAX_CHUNKS_PER_EVENT + 5
+    leg = ServerLeg(16384)
+    leg.feed_head(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(leg.next_event(), RequestHead)
+    leg.feed(b"1\r\nx\r\n" * count + b"0\r\n\r\n")
+    sizes = []
+    capped = []
+    while True:
+        event = leg.next_event()
+        if event is Ev.END:
+            break
+        assert isinstance(event, bytes)
+        sizes.append(len(event))
+        capped.append(leg.capped)
+    assert sizes == [MAX_CHUNKS_PER_EVENT] * 3 + [5]
+    assert capped == [True, True, True, False]
+
+
+def test_http1_tiny_response_chunks_come_in_slices_of_bounded_work() -> None:
+    count = 2 * MAX_CHUNKS_PER_EVENT + 1
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/", [(b"Host", b"a")])
+    leg.end()
+    leg.feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"1\r\ny\r\n" * count
+        + b"0\r\n\r\n"
+    )
+    assert isinstance(leg.next_event(), ResponseHead)
+    sizes = []
+    while True:
+        event = leg.next_event()
+        if event is Ev.END:
+            break
+        assert isinstance(event, bytes)
+        sizes.append((len(event), leg.capped))
+    assert sizes == [(MAX_CHUNKS_PER_EVENT, True), (MAX_CHUNKS_PER_EVENT, True), (1, False)]

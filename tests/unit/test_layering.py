@@ -25,6 +25,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
+    "exchange": ({"headers", "http1", "policy", "runtime"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
@@ -33,6 +34,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "control",
             "deadlines",
             "errors",
+            "exchange",
             "log",
             "headers",
             "http1",
@@ -53,13 +55,35 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
     "cli": (
-        {"errors", "config", "headers", "log", "master", "policy", "demo", "systemd", "fastproxy"},
+        {
+            "errors",
+            "config",
+            "exchange",
+            "http1",
+            "log",
+            "master",
+            "policy",
+            "runtime",
+            "demo",
+            "systemd",
+            "fastproxy",
+        },
         set(),
     ),
     "__init__": (set(), set()),
     "__main__": ({"cli"}, set()),
 }
-PURE = {"policy", "headers", "config", "http1", "http1_httptools", "wsframe", "wsrelay", "runtime"}
+PURE = {
+    "policy",
+    "headers",
+    "config",
+    "http1",
+    "http1_httptools",
+    "wsframe",
+    "wsrelay",
+    "runtime",
+    "exchange",
+}
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
 
