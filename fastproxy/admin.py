@@ -1,8 +1,9 @@
 """The admin listener: ``/metrics``, ``/livez``, ``/readyz``, ``/routes``.
 
-[I/O] Imports ``metrics`` only; runs inside every worker, so the master never serves traffic
-nor runs a thread. One request per connection (``Connection: close``): scrapes and probes are
-rare, and simplicity beats keep-alive here. Nothing from the request is echoed.
+[I/O] Imports ``metrics`` and ``http1`` (the reply writer) only; runs inside every worker, so
+the master never serves traffic nor runs a thread. One request per connection (``Connection:
+close``): scrapes and probes are rare, and simplicity beats keep-alive here. Nothing from the
+request is echoed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 from typing import Protocol, cast
 
 from fastproxy import metrics
+from fastproxy.http1 import local_response
 
 MAX_REQUEST_BYTES = 8 * 1024
 
@@ -71,19 +73,7 @@ class AdminProtocol(asyncio.Protocol):
         if transport is None:
             return
         transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-            % (status, _REASONS.get(status, b"Error"), content_type, len(body))
+            local_response(status, body, content_type=content_type, close=True, head_only=head)
         )
-        if not head:
-            transport.write(body)
         transport.close()
         self.transport = None
-
-
-_REASONS = {
-    200: b"OK",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}

@@ -300,13 +300,64 @@ class _Body(enum.Enum):
     CLOSE = "close"  #: delimited by closing the connection (HTTP/1.0 clients)
 
 
-_PHRASES = {
+#: RFC 9110 15: the reason phrases of the statuses fastproxy writes itself (local answers, the
+#: admin listener) or relays from an upstream that sent none. The one table of them.
+REASONS = {
     100: b"Continue",
     101: b"Switching Protocols",
     200: b"OK",
     204: b"No Content",
     304: b"Not Modified",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
+#: RFC 9112 7.1: the last chunk and the empty trailer section
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """``data`` as one chunk (RFC 9112 7.1), for ``writelines``; nothing for empty data."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+
+
+def local_response(
+    status: int,
+    body: bytes = b"",
+    *,
+    content_type: bytes = b"",
+    request_id: bytes = b"",
+    close: bool = False,
+    head_only: bool = False,
+    allow: bytes = b"",
+) -> bytes:
+    """A whole response fastproxy writes itself: fixed fields, never client input.
+
+    A 204 gets no field describing a body (RFC 9110 8.6); ``head_only`` leaves the body out
+    (the answer to HEAD) but keeps its length.
+    """
+    parts = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b""))]
+    if status != 204:
+        if content_type:
+            parts.append(b"Content-Type: " + content_type)
+        parts.append(b"Content-Length: %d" % len(body))
+    if request_id:
+        parts.append(b"X-Request-Id: " + request_id)
+    if allow:
+        parts.append(b"Allow: " + allow)
+    if close:
+        parts.append(b"Connection: close")
+    parts.append(b"\r\n")
+    head = b"\r\n".join(parts)
+    return head if head_only or status == 204 else head + body
 
 
 class ClientLeg:
@@ -561,7 +612,7 @@ class ClientLeg:
         close: bool = False,
     ) -> bytes:
         """``response_head`` for field lines ready to send (``ResponseHead.relayed``)."""
-        parts = [b"HTTP/1.1 %d %s" % (status, reason or _PHRASES.get(status, b""))]
+        parts = [b"HTTP/1.1 %d %s" % (status, reason or REASONS.get(status, b""))]
         parts += lines
         if status < 200:
             parts.append(b"\r\n")
@@ -595,7 +646,7 @@ class ClientLeg:
                 raise UpstreamBroken("more body than the relayed Content-Length")
             return [data]
         if body is _Body.CHUNKED:
-            return [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+            return chunk(data)
         if body is _Body.CLOSE:
             return [data]
         raise UpstreamBroken("a body where the response has none")
@@ -603,7 +654,7 @@ class ClientLeg:
     def end(self) -> bytes:
         self._sent_end = True
         if self._body is _Body.CHUNKED:
-            return b"0\r\n\r\n"
+            return LAST_CHUNK
         if self._body is _Body.LENGTH and self._remaining:
             raise UpstreamBroken("less body than the relayed Content-Length")
         return b""
@@ -833,13 +884,11 @@ class UpstreamLeg:
     def body(self, data: bytes) -> list[bytes]:
         if not self._req_chunked:
             return [data]
-        if not data:
-            return []
-        return [b"%x\r\n" % len(data), data, b"\r\n"]
+        return chunk(data)
 
     def end(self) -> bytes:
         self._req_done = True
-        return b"0\r\n\r\n" if self._req_chunked else b""
+        return LAST_CHUNK if self._req_chunked else b""
 
     # -- response side
 

@@ -58,6 +58,7 @@ from fastproxy.http1 import (
     ResponseHead,
     ServerLeg,
     UpstreamBroken,
+    local_response,
 )
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Decision
@@ -85,20 +86,6 @@ _INT_ZERO = bytes(4)
 _FAILED_IF_ANSWERED_HERE = frozenset({Verdict.FORWARD, Verdict.REWRITE, Verdict.WEBSOCKET})
 #: requests that may be sent again when a pooled connection turns out to be closed
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-
-_REASONS = {
-    204: b"No Content",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
 
 
 class State(enum.Enum):
@@ -1115,22 +1102,17 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if code:
-            body = error_body(code, request_id)
-            head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+        transport.write(
+            local_response(
                 status,
-                _REASONS.get(status, b""),
-                len(body),
+                error_body(code, request_id) if code else b"",
+                content_type=b"application/json",
+                request_id=request_id,
+                close=close,
+                head_only=head_only,
+                allow=allow,
             )
-        else:  # 204: no body, and no header describing one (RFC 9110 8.6)
-            body = b""
-            head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
-        head += b"X-Request-Id: %s\r\n" % request_id
-        if allow:
-            head += b"Allow: %s\r\n" % allow
-        if close:
-            head += b"Connection: close\r\n"
-        transport.write(head + b"\r\n" if head_only else head + b"\r\n" + body)
+        )
 
     def _close(self, *, abort: bool = False) -> None:
         self._cancel_timer()

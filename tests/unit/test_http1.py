@@ -784,3 +784,28 @@ def test_http1_tiny_response_chunks_come_in_slices_of_bounded_work() -> None:
         assert isinstance(event, bytes)
         sizes.append((len(event), leg.capped))
     assert sizes == [(MAX_CHUNKS_PER_EVENT, True), (MAX_CHUNKS_PER_EVENT, True), (1, False)]
+
+
+def test_http1_local_response_is_one_fixed_shape() -> None:
+    from fastproxy.http1 import local_response
+
+    assert local_response(
+        405,
+        b'{"error":"x"}',
+        content_type=b"application/json",
+        request_id=b"rid",
+        close=True,
+        allow=b"GET, HEAD",
+    ) == (
+        b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 13\r\nX-Request-Id: rid\r\nAllow: GET, HEAD\r\nConnection: close\r\n\r\n"
+        b'{"error":"x"}'
+    )
+    # 204: nothing describes a body (RFC 9110 8.6); HEAD: the length, not the body
+    assert (
+        local_response(204, request_id=b"r")
+        == b"HTTP/1.1 204 No Content\r\nX-Request-Id: r\r\n\r\n"
+    )
+    assert local_response(200, b"ok\n", content_type=b"text/plain", head_only=True).endswith(
+        b"Content-Length: 3\r\n\r\n"
+    )

@@ -21,7 +21,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "wsrelay": ({"wsframe"}, set()),
     "metrics": ({"fastproxy"}, {"prometheus_client"}),
     "log": ({"errors"}, {"orjson"}),
-    "admin": ({"metrics", "fastproxy"}, set()),
+    "admin": ({"metrics", "http1", "fastproxy"}, set()),
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
