@@ -74,6 +74,9 @@ class Verdict(enum.Enum):
     ERROR = "error"
 
 
+DENY = Verdict.DENY
+
+
 class Admission:
     """The outcome of ``admit``: a local answer when ``status`` is set, else a forward."""
 
@@ -180,14 +183,8 @@ def admit(
             return _refuse(request_id, info, decision, 400, "unsupported_upgrade", close=True)
         if action is not Action.WEBSOCKET:
             # closed: a client that asked to leave HTTP may already send the other protocol
-            return Admission(
-                Verdict.DENY,
-                request_id,
-                info,
-                decision,
-                status=403,
-                code="upgrade_forbidden",
-                close=True,
+            return _refuse(
+                request_id, info, decision, 403, "upgrade_forbidden", close=True, verdict=DENY
             )
         try:
             check_websocket_handshake(method, head.http_version, info)
@@ -196,14 +193,8 @@ def admit(
         websocket = True
     if action is Action.DENY:
         if not plan.report:
-            return Admission(
-                Verdict.DENY,
-                request_id,
-                info,
-                decision,
-                status=403,
-                code="forbidden",
-                close=info.has_body,
+            return _refuse(
+                request_id, info, decision, 403, "forbidden", close=info.has_body, verdict=DENY
             )
         verdict = Verdict.WOULD_DENY
     elif action is Action.REWRITE:
@@ -253,9 +244,10 @@ def _refuse(
     *,
     close: bool,
     allow: bytes = b"",
+    verdict: Verdict = Verdict.REJECT,
 ) -> Admission:
     return Admission(
-        Verdict.REJECT,
+        verdict,
         request_id,
         info,
         decision,

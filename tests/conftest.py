@@ -59,6 +59,17 @@ def proxy(upstream: RecordingUpstream, tmp_path: Path, http_parser: str) -> Iter
         factory.stop_all()
 
 
+@pytest.fixture
+def factory(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
+    """Proxies in front of ``upstream`` on the default parser only: for the tests of what the
+    parser plays no part in (reload, drain, systemd)."""
+    made = ProxyFactory(tmp_path, [upstream.address])
+    try:
+        yield made
+    finally:
+        made.stop_all()
+
+
 @pytest.fixture(scope="module")
 def _preset_stack(tmp_path_factory: pytest.TempPathFactory, http_parser: str) -> Iterator[Stack]:
     with running_upstream() as started:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,20 +26,10 @@ from support.client import (
     host_of,
 )
 from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy
-from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
 
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def factory(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    made = ProxyFactory(tmp_path, [upstream.address])
-    try:
-        yield made
-    finally:
-        made.stop_all()
 
 
 def _wait_exit(proxy: RunningProxy, timeout: float = 60.0) -> int:

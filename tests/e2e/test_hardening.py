@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -17,88 +16,19 @@ from support.client import (
     host_of,
 )
 from support.proxy import ProxyFactory, rss_bytes
+from support.raw import LOOPBACK, RawUpstream
 from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
 
-LOOPBACK = "127.0.0.1"
 WAIT_S = 20.0
 
 
-class CannedUpstream:
-    """Answers each request head with canned raw bytes chosen by its target; keeps connections.
-
-    Unknown targets get ``200`` with the target as body. Request bodies are not expected.
-    """
-
-    def __init__(self, canned: dict[bytes, bytes]) -> None:
-        self.canned = canned
-        self.targets: list[bytes] = []
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(10.0)
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self._sockets.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        buffer = b""
-        with sock:
-            while not self._stopping.is_set():
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                target = head.split(b" ", 2)[1]
-                with self._lock:
-                    self.targets.append(target)
-                answer = self.canned.get(
-                    target,
-                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target),
-                )
-                try:
-                    sock.sendall(answer)
-                except OSError:
-                    return
-
-
 @pytest.fixture
-def canned() -> Iterator[type[CannedUpstream]]:
-    started: list[CannedUpstream] = []
+def canned() -> Iterator[type[RawUpstream]]:
+    started: list[RawUpstream] = []
 
-    class Started(CannedUpstream):
+    class Started(RawUpstream):
         def __init__(self, answers: dict[bytes, bytes]) -> None:
             super().__init__(answers)
             self.start()
@@ -109,12 +39,12 @@ def canned() -> Iterator[type[CannedUpstream]]:
         server.stop()
 
 
-def _one_pooled_connection(server: CannedUpstream) -> dict[str, object]:
+def _one_pooled_connection(server: RawUpstream) -> dict[str, object]:
     return {"upstreams": {"cobrowse": {"servers": [server.address], "keepalive": 1}}}
 
 
 def test_hardening_bytes_after_a_response_never_reach_the_next_client(
-    proxy: ProxyFactory, canned: type[CannedUpstream]
+    proxy: ProxyFactory, canned: type[RawUpstream]
 ) -> None:
     poison = (
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -131,7 +61,7 @@ def test_hardening_bytes_after_a_response_never_reach_the_next_client(
 
 
 def test_hardening_body_sent_with_a_head_response_is_not_pooled(
-    proxy: ProxyFactory, canned: type[CannedUpstream]
+    proxy: ProxyFactory, canned: type[RawUpstream]
 ) -> None:
     server = canned({b"/api/1/devices/head": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"})
     port = proxy(overrides=_one_pooled_connection(server)).sdk_port
@@ -145,7 +75,7 @@ def test_hardening_body_sent_with_a_head_response_is_not_pooled(
 
 
 def test_hardening_response_with_chunked_and_content_length_is_refused(
-    proxy: ProxyFactory, canned: type[CannedUpstream]
+    proxy: ProxyFactory, canned: type[RawUpstream]
 ) -> None:
     both = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"

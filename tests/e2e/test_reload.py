@@ -10,8 +10,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import running_upstream
@@ -22,15 +20,6 @@ from support.upstream import RecordingUpstream
 pytestmark = pytest.mark.e2e
 
 EXTRA_RULE = {"rules": {"extra": {"prefix": "/extra", "action": "forward"}}}
-
-
-@pytest.fixture
-def factory(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    made = ProxyFactory(tmp_path, [upstream.address])
-    try:
-        yield made
-    finally:
-        made.stop_all()
 
 
 def _start(factory: ProxyFactory, workers: int = 2) -> RunningProxy:

@@ -10,12 +10,8 @@ responses, so the proxy runs once, with h11, and one proxy serves the whole modu
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from support.client import (
@@ -27,86 +23,12 @@ from support.client import (
     host_of,
 )
 from support.proxy import ProxyFactory
+from support.raw import Answer, RawUpstream
+from support.raw import ok as _ok
 
 pytestmark = pytest.mark.e2e
 
-LOOPBACK = "127.0.0.1"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-#: the pause between the parts of an answer: the proxy reads and relays them separately
-PART_GAP_S = 0.3
-
-#: an answer: the bytes to write, in parts written ``PART_GAP_S`` apart, given the request head
-Answer = Callable[[bytes], list[bytes]]
-
-
-def _ok(body: bytes) -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-
-
-class RawUpstream:
-    """A threaded HTTP/1.1 origin on 127.0.0.1 that answers each request head with exact bytes
-    chosen by its target, keeping the connection; other targets get 200 with the target as body.
-    """
-
-    def __init__(self, answers: dict[bytes, Answer]) -> None:
-        self.answers = answers
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(10.0)
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self._sockets.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        buffer = b""
-        with sock:
-            while not self._stopping.is_set():
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                target = head.split(b" ", 2)[1]
-                answer = self.answers.get(target)
-                parts = answer(head) if answer is not None else [_ok(target)]
-                try:
-                    for index, part in enumerate(parts):
-                        if index:
-                            time.sleep(PART_GAP_S)
-                        sock.sendall(part)
-                except OSError:
-                    return
 
 
 def _fixed(*parts: bytes) -> Answer:

@@ -13,12 +13,10 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from support.client import get
 from support.proxy import ProxyFactory, RunningProxy, free_port, merge
-from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -58,15 +56,6 @@ def notifications() -> Iterator[Notifications]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(path)
             yield Notifications(sock, path)
-
-
-@pytest.fixture
-def factory(upstream: RecordingUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    made = ProxyFactory(tmp_path, [upstream.address])
-    try:
-        yield made
-    finally:
-        made.stop_all()
 
 
 def test_systemd_notify_sequence_on_start_reload_and_stop(

@@ -1,0 +1,99 @@
+"""A raw HTTP/1.1 origin for the end-to-end tests: exact bytes per request target.
+
+``RawUpstream`` listens on 127.0.0.1 in a thread, reads each request head (bodies are not
+expected), records its target and answers with the bytes its ``answers`` give for that target,
+keeping the connection. An answer is bytes, or a function of the request head returning the
+parts to write ``PART_GAP_S`` apart (so the proxy reads and relays them separately). Other
+targets get 200 with the target as body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+LOOPBACK = "127.0.0.1"
+#: the pause between the parts of an answer
+PART_GAP_S = 0.3
+
+#: an answer: bytes, or the parts to write given the request head
+Answer = bytes | Callable[[bytes], list[bytes]]
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class RawUpstream:
+    """A threaded origin answering each request head with exact bytes chosen by its target."""
+
+    def __init__(self, answers: Mapping[bytes, Answer]) -> None:
+        self.answers = answers
+        self.targets: list[bytes] = []
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._stopping = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10.0)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self._sockets.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        buffer = b""
+        with sock:
+            while not self._stopping.is_set():
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                with self._lock:
+                    self.targets.append(target)
+                answer = self.answers.get(target)
+                if answer is None:
+                    parts = [ok(target)]
+                elif isinstance(answer, bytes):
+                    parts = [answer]
+                else:
+                    parts = answer(head)
+                try:
+                    for index, part in enumerate(parts):
+                        if index:
+                            time.sleep(PART_GAP_S)
+                        sock.sendall(part)
+                except OSError:
+                    return
