@@ -37,6 +37,7 @@ Events are returned, never raised: ``next_event`` returns a head object, body ``
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import h11
 
@@ -276,19 +277,15 @@ class _Req(enum.Enum):
 
     HEAD = "head"  #: the head is parsed but not yet returned
     LENGTH = "length"  #: a Content-Length body
-    CHUNK_SIZE = "chunk_size"  #: a chunk-size line
-    CHUNK_DATA = "chunk_data"  #: chunk data
-    CHUNK_END = "chunk_end"  #: the CRLF after chunk data
-    LAST = "last"  #: the empty line after the last chunk (trailer fields are refused)
+    CHUNKED = "chunked"  #: a chunked body (``ChunkedReader``)
     DONE = "done"  #: the request is complete
 
 
-#: a chunk-size line longer than this is refused (as h11 bounds it)
+#: a chunk-size line longer than this is refused (as h11 bounds it), on both legs
 MAX_CHUNK_LINE_BYTES = 1024
 #: chunks whose data one body event joins at most: a read full of tiny chunks is handed over
 #: in slices of bounded work, so that the worker can let other connections run in between
 MAX_CHUNKS_PER_EVENT = 1024
-_MAX_SPANS = 2 * MAX_CHUNKS_PER_EVENT
 
 
 class _Body(enum.Enum):
@@ -373,6 +370,7 @@ class ClientLeg:
         "_body",
         "_body_left",
         "_buf",
+        "_chunks",
         "_client_close",
         "_head",
         "_head_request",
@@ -396,6 +394,7 @@ class ClientLeg:
         self._head: RequestHead | None = None
         self._req = _Req.HEAD
         self._body_left = 0
+        self._chunks: ChunkedReader | None = None
         # unread request bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
         self._buf: bytes | bytearray = b""
         self._pos = 0
@@ -430,7 +429,8 @@ class ClientLeg:
             elif lower == b"content-length" and value.isdigit() and len(value) <= 18:
                 length = int(value)
         if chunked:
-            self._req = _Req.CHUNK_SIZE
+            self._req = _Req.CHUNKED
+            self._chunks = ChunkedReader(_bad_request_chunk)
         else:
             self._body_left = length
             self._req = _Req.LENGTH
@@ -481,68 +481,17 @@ class ClientLeg:
         return self._read_chunked()
 
     def _read_chunked(self) -> bytes | Ev:
-        """Walk the chunks in the buffer from ``_pos``: sizes, data, CRLFs, the last chunk."""
+        """The chunks in the buffer from ``_pos``, through the shared ``ChunkedReader``."""
         buf = self._buf
-        pos = self._pos
-        end = len(buf)
-        state = self._req
+        chunks = self._chunks
+        assert chunks is not None
         spans: list[int] = []
-        ended = False
-        capped = False
-        try:
-            while pos < end:
-                if state is _Req.CHUNK_DATA:
-                    left = self._body_left
-                    if end - pos < left:
-                        spans += (pos, end)
-                        self._body_left = left - (end - pos)
-                        pos = end
-                        break
-                    spans += (pos, pos + left)
-                    pos += left
-                    state = _Req.CHUNK_END
-                    continue
-                if state is _Req.CHUNK_END:
-                    # RFC 9112 7.1: chunk data is followed by exactly CRLF
-                    if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
-                        raise RequestRefused(400, "bad_request", "chunk data longer than its size")
-                    if end - pos < 2:
-                        break
-                    pos += 2
-                    state = _Req.CHUNK_SIZE
-                    continue
-                if len(spans) >= _MAX_SPANS:
-                    capped = True
-                    break  # enough chunks for one event; the rest on the next call
-                # a chunk-size line, or the empty line after the last chunk (no trailers)
-                line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES + 2)
-                if line_end < 0:
-                    if end - pos > MAX_CHUNK_LINE_BYTES + 1 or buf.find(b"\n", pos) >= 0:
-                        raise RequestRefused(400, "bad_request", "bad chunk framing line")
-                    break
-                if state is _Req.LAST:
-                    if line_end != pos:
-                        raise RequestRefused(400, "bad_request", "trailer fields in a request")
-                    pos += 2
-                    ended = True
-                    break
-                try:
-                    size = parse_chunk_size(bytes(buf[pos:line_end]))
-                except ValueError as exc:
-                    raise RequestRefused(400, "bad_request", str(exc)) from exc
-                pos = line_end + 2
-                if size:
-                    self._body_left = size
-                    state = _Req.CHUNK_DATA
-                else:
-                    state = _Req.LAST
-        finally:
-            if pos >= end:
-                self._buf = b""
-                pos = 0
-            self._pos = pos
-            self._req = state
-            self.capped = capped
+        pos, ended = chunks.read(buf, self._pos, spans)
+        if pos >= len(buf):
+            self._buf = b""
+            pos = 0
+        self._pos = pos
+        self.capped = chunks.capped
         if spans:
             if ended:
                 self._body_left = 0
@@ -758,7 +707,6 @@ _CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 #: trailer fields (read and dropped) are a field section like the head, and bounded like it
 MAX_RESPONSE_TRAILER_BYTES = MAX_RESPONSE_HEAD_BYTES
-_CHUNK_LINE_MAX = 1024
 
 
 # chunk-ext: tokens, "=", quoted strings and whitespace: visible ASCII, SP and HTAB
@@ -789,16 +737,126 @@ def _check_trailer_line(line: bytes | bytearray) -> None:
         raise UpstreamBroken(f"bad trailer line {bytes(line[:100])!r}")
 
 
+def _bad_request_chunk(message: str) -> RequestRefused:
+    return RequestRefused(400, "bad_request", message)
+
+
+class _Chunk(enum.Enum):
+    """States of ``ChunkedReader``."""
+
+    SIZE = "size"  #: a chunk-size line
+    DATA = "data"  #: chunk data
+    CRLF = "crlf"  #: the CRLF after chunk data
+    TRAILERS = "trailers"  #: the trailer section after the last chunk, up to its empty line
+
+
+class ChunkedReader:
+    """The one chunked-body reader (RFC 9112 7.1), for requests and responses alike.
+
+    ``read`` walks the chunks of ``buf[pos:end]`` at an offset, never re-slicing the buffer:
+    chunk-size lines are found by bounded searches, chunk data is returned as spans of the
+    buffer (joined once by the caller), at most ``MAX_CHUNKS_PER_EVENT`` chunks per call
+    (``capped`` says the call stopped there). Strict: CRLF line ends only, chunk-size lines of
+    at most ``MAX_CHUNK_LINE_BYTES``, chunk data followed by exactly CRLF. Trailer fields are
+    refused (``trailer_bytes`` 0: requests, as nothing may change after the head was checked),
+    or checked as field lines, bounded to ``trailer_bytes`` and dropped (responses). Errors are
+    raised as ``error(message)``, the caller's exception type.
+    """
+
+    __slots__ = ("_error", "_left", "_state", "_trailer_bytes", "_trailer_left", "capped")
+
+    def __init__(self, error: Callable[[str], Exception], trailer_bytes: int = 0) -> None:
+        self._error = error
+        self._trailer_bytes = trailer_bytes
+        self._state = _Chunk.SIZE
+        #: bytes of the current chunk's data still to come
+        self._left = 0
+        self._trailer_left = 0
+        self.capped = False
+
+    def read(self, buf: bytes | bytearray, pos: int, spans: list[int]) -> tuple[int, bool]:
+        """Consume from ``pos``; append data spans; return ``(new pos, the body ended)``."""
+        end = len(buf)
+        state = self._state
+        error = self._error
+        ended = False
+        capped = False
+        budget = MAX_CHUNKS_PER_EVENT
+        try:
+            while pos < end:
+                if state is _Chunk.DATA:
+                    left = self._left
+                    if end - pos < left:
+                        spans += (pos, end)
+                        self._left = left - (end - pos)
+                        pos = end
+                        break
+                    spans += (pos, pos + left)
+                    pos += left
+                    self._left = 0
+                    state = _Chunk.CRLF
+                elif state is _Chunk.CRLF:
+                    if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
+                        raise error("chunk data longer than its size")
+                    if end - pos < 2:
+                        break
+                    pos += 2
+                    state = _Chunk.SIZE
+                elif state is _Chunk.SIZE:
+                    if not budget:
+                        capped = True
+                        break  # enough chunks for one event; the rest on the next call
+                    line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES + 2)
+                    if line_end < 0:
+                        if end - pos > MAX_CHUNK_LINE_BYTES + 1 or buf.find(b"\n", pos) >= 0:
+                            raise error("bad chunk framing line")
+                        break
+                    try:
+                        size = parse_chunk_size(buf[pos:line_end])
+                    except ValueError as exc:
+                        raise error(str(exc)) from exc
+                    pos = line_end + 2
+                    if size:
+                        self._left = size
+                        budget -= 1
+                        state = _Chunk.DATA
+                    else:
+                        self._trailer_left = self._trailer_bytes
+                        state = _Chunk.TRAILERS
+                else:
+                    # the trailer section, then its empty line (RFC 9112 7.1.2)
+                    left = self._trailer_left
+                    line_end = buf.find(b"\r\n", pos, pos + left + 2)
+                    if line_end < 0:
+                        if not self._trailer_bytes and end > pos and buf[pos] != 0x0D:
+                            raise error("trailer fields in a request")
+                        if end - pos > left + 1:
+                            raise error("trailer section too large")
+                        if buf.find(b"\n", pos) >= 0:
+                            raise error("bare LF in the trailer section")
+                        break
+                    if line_end == pos:
+                        pos += 2
+                        ended = True
+                        break
+                    if not self._trailer_bytes:
+                        raise error("trailer fields in a request")
+                    _check_trailer_line(buf[pos:line_end])
+                    self._trailer_left = left - (line_end + 2 - pos)
+                    pos = line_end + 2
+        finally:
+            self._state = state
+            self.capped = capped
+        return pos, ended
+
+
 class _Up(enum.Enum):
     """States of the upstream leg's response reader."""
 
     IDLE = "idle"  #: no request sent on this cycle
     HEAD = "head"  #: waiting for the (next) response head
     LENGTH = "length"  #: Content-Length body
-    CHUNK_SIZE = "chunk_size"  #: a chunk-size line
-    CHUNK_DATA = "chunk_data"  #: chunk data
-    CHUNK_END = "chunk_end"  #: the CRLF after chunk data
-    TRAILERS = "trailers"  #: trailer fields after the last chunk (read and dropped)
+    CHUNKED = "chunked"  #: a chunked body (``ChunkedReader``; trailers checked and dropped)
     CLOSE = "close"  #: a body delimited by the connection closing
     DONE = "done"  #: the response is complete
     SWITCHED = "switched"  #: a 101 was received; the bytes after it are another protocol
@@ -823,6 +881,7 @@ class UpstreamLeg:
 
     __slots__ = (
         "_buf",
+        "_chunks",
         "_close",
         "_eof",
         "_method",
@@ -832,7 +891,6 @@ class UpstreamLeg:
         "_req_done",
         "_scanned",
         "_state",
-        "_trailer_left",
         "capped",
         "copied",
         "declared_length",
@@ -852,7 +910,7 @@ class UpstreamLeg:
         self._eof = False
         self._method = b""
         self._remaining = 0
-        self._trailer_left = 0
+        self._chunks: ChunkedReader | None = None
         self._req_chunked = False
         self._req_done = False
         self._close = False
@@ -935,9 +993,7 @@ class UpstreamLeg:
             return _slice(buf, pos, pos + remaining)
         if state is _Up.HEAD:
             return self._read_head()
-        if state is _Up.CHUNK_DATA or state is _Up.CHUNK_SIZE or state is _Up.CHUNK_END:
-            return self._read_chunked()
-        if state is _Up.TRAILERS:
+        if state is _Up.CHUNKED:
             return self._read_chunked()
         if state is _Up.CLOSE:
             buf = self._buf
@@ -1058,7 +1114,8 @@ class UpstreamLeg:
             self._remaining = 0  # no body: the next event is END
             self._state = _Up.LENGTH
         elif coding is not None:
-            self._state = _Up.CHUNK_SIZE
+            self._state = _Up.CHUNKED
+            self._chunks = ChunkedReader(UpstreamBroken, MAX_RESPONSE_TRAILER_BYTES)
         elif size >= 0:
             if unread > size:
                 raise UpstreamBroken("bytes after the Content-Length body")
@@ -1095,85 +1152,19 @@ class UpstreamLeg:
             raise UpstreamBroken("a body announced on a 204 response")
 
     def _read_chunked(self) -> bytes | Ev:
-        """Walk the chunks in the buffer from ``_pos``: sizes, data, CRLFs, trailers.
-
-        The data of every chunk the buffer holds comes back as one event (joined once); the
-        framing lines are found by bounded searches from the offset, never by re-slicing.
-        """
+        """The chunks in the buffer from ``_pos``, through the shared ``ChunkedReader``."""
         buf = self._buf
-        pos = self._pos
-        end = len(buf)
-        state = self._state
+        chunks = self._chunks
+        assert chunks is not None
         spans: list[int] = []
-        ended = False
-        capped = False
-        try:
-            while pos < end:
-                if state is _Up.CHUNK_DATA:
-                    left = self._remaining
-                    if end - pos < left:
-                        spans += (pos, end)
-                        self._remaining = left - (end - pos)
-                        pos = end
-                        break
-                    spans += (pos, pos + left)
-                    pos += left
-                    self._remaining = 0
-                    state = _Up.CHUNK_END
-                elif state is _Up.CHUNK_END:
-                    # RFC 9112 7.1: chunk data is followed by exactly CRLF
-                    if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
-                        raise UpstreamBroken("chunk data longer than its size")
-                    if end - pos < 2:
-                        break
-                    pos += 2
-                    state = _Up.CHUNK_SIZE
-                elif state is _Up.CHUNK_SIZE:
-                    if len(spans) >= _MAX_SPANS:
-                        capped = True
-                        break  # enough chunks for one event; the rest on the next call
-                    line_end = buf.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX + 2)
-                    if line_end < 0:
-                        if end - pos > _CHUNK_LINE_MAX + 1 or buf.find(b"\n", pos) >= 0:
-                            raise UpstreamBroken("bad chunk framing line")
-                        break
-                    try:
-                        size = parse_chunk_size(buf[pos:line_end])
-                    except ValueError as exc:
-                        raise UpstreamBroken(str(exc)) from exc
-                    pos = line_end + 2
-                    if size:
-                        self._remaining = size
-                        state = _Up.CHUNK_DATA
-                    else:
-                        self._trailer_left = MAX_RESPONSE_TRAILER_BYTES
-                        state = _Up.TRAILERS
-                else:
-                    # trailer fields, then the empty line (RFC 9112 7.1.2): checked, dropped
-                    left = self._trailer_left
-                    line_end = buf.find(b"\r\n", pos, pos + left + 2)
-                    if line_end < 0:
-                        if end - pos > left + 1:
-                            raise UpstreamBroken("response trailers too large")
-                        if buf.find(b"\n", pos) >= 0:
-                            raise UpstreamBroken("bare LF in the response trailers")
-                        break
-                    if line_end == pos:
-                        pos += 2
-                        ended = True
-                        break
-                    _check_trailer_line(buf[pos:line_end])
-                    self._trailer_left = left - (line_end + 2 - pos)
-                    pos = line_end + 2
-        finally:
-            if pos >= end:
-                self._buf = b""
-                pos = 0
-            elif ended:
-                self.overrun = True  # bytes after the last chunk's empty line
-            self._pos = pos
-            self._state = state
-            self.capped = capped
+        pos, ended = chunks.read(buf, self._pos, spans)
+        if pos >= len(buf):
+            self._buf = b""
+            pos = 0
+        elif ended:
+            self.overrun = True  # bytes after the last chunk's empty line
+        self._pos = pos
+        self.capped = chunks.capped
         if spans:
             if ended:
                 self._remaining = 0
