@@ -17,7 +17,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from support.client import (
     host_of,
 )
 from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy, rss_bytes
+from support.raw import ThreadedOrigin
 from support.upstream import RecordingUpstream, pattern_body
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -165,7 +165,7 @@ def test_report_mode_forwards_would_deny_and_counts_it(
 # -- upstream keep-alive --------------------------------------------------------------------------
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedOrigin):
     """A small keep-alive HTTP/1.1 upstream on plain sockets that closes connections on cue.
 
     Requests are heads without bodies. Each connection is served in its own thread and every
@@ -179,52 +179,12 @@ class ScriptedUpstream:
     """
 
     def __init__(self, mode: str, idle_close_s: float = 0.3) -> None:
+        super().__init__()
         self.mode = mode
         self.idle_close_s = idle_close_s
         self.records: list[tuple[int, bytes]] = []
         #: indices of the connections this side has closed
         self.closed: set[int] = set()
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept, name="scripted-upstream")
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> None:
-        self._accepter.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._accepter.join(10.0)
-        self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(10.0)
-
-    def _accept(self) -> None:
-        index = 0
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self._sockets.append(sock)
-            thread = threading.Thread(target=self._serve, args=(sock, index), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-            index += 1
 
     def _serve(self, sock: socket.socket, index: int) -> None:
         try:

@@ -27,37 +27,40 @@ def ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
-class RawUpstream:
-    """A threaded origin answering each request head with exact bytes chosen by its target."""
+class ThreadedOrigin:
+    """A listening socket on 127.0.0.1 and a thread per accepted connection (``_serve``)."""
 
-    def __init__(self, answers: Mapping[bytes, Answer]) -> None:
-        self.answers = answers
-        self.targets: list[bytes] = []
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._listener = socket.create_server((LOOPBACK, 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
         self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
 
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
     def start(self) -> None:
-        self._thread.start()
+        self._accepter.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(10.0)
+        self._accepter.join(10.0)
         self._listener.close()
         with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(10.0)
 
     def _accept(self) -> None:
+        index = 0
         while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
@@ -65,9 +68,24 @@ class RawUpstream:
                 continue
             with self._lock:
                 self._sockets.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(sock, index), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+            index += 1
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(ThreadedOrigin):
+    """A threaded origin answering each request head with exact bytes chosen by its target."""
+
+    def __init__(self, answers: Mapping[bytes, Answer]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.targets: list[bytes] = []
+
+    def _serve(self, sock: socket.socket, index: int) -> None:
         buffer = b""
         with sock:
             while not self._stopping.is_set():
