@@ -162,9 +162,10 @@ def test_the_long_run_driver_finds_nothing_on_a_short_run() -> None:
 
 
 def test_model_admits_with_the_worker_code() -> None:
-    # the model's admission is exchange.admit itself, as the worker's is: nothing to drift
+    # the model's admission is exchange.admit itself, run by the worker's Exchange: nothing to
+    # drift
     assert targets.admit is exchange.admit
-    assert vars(worker)["admit"] is exchange.admit
+    assert vars(worker)["Exchange"] is exchange.Exchange
 
 
 # -- findings -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
-    "exchange": ({"headers", "http1", "policy", "runtime"}, set()),
+    "exchange": ({"config", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
