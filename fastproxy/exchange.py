@@ -385,8 +385,10 @@ class ExchangeIO(Protocol):
     def soon(self, callback: Callable[[float], None]) -> None:
         """Call ``callback(now)`` on the next loop pass."""
 
-    def finished(self, cycle: Cycle | None, status: int) -> None:
-        """A request ended with ``status`` (None: one that never parsed): count and log it."""
+    def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
+        """A request ended with ``status`` (None: one that never parsed): count and log it.
+
+        ``code`` is the error code of fastproxy's own answer ("" for a relayed one)."""
 
     def upstream_error(self, upstream: str, code: str, detail: str) -> None: ...
     def switched(
@@ -578,7 +580,7 @@ class Exchange:
         if cycle is not None and cycle.upstream is not None:
             self._drop_upstream(cycle)
             if not cycle.response_done:
-                self.io.finished(cycle, 499 if not cycle.status else cycle.status)
+                self.io.finished(cycle, 499 if not cycle.status else cycle.status, "")
 
     def client_blocked(self, now: float) -> None:
         """The client stopped reading (its write buffer is full)."""
@@ -665,7 +667,7 @@ class Exchange:
             send_timeout = cycle.plan.limits.send_timeout_s
             if now - self.blocked_since >= send_timeout:
                 self._drop_upstream(cycle)
-                self.io.finished(cycle, cycle.status)
+                self.io.finished(cycle, cycle.status, "")
                 self.close(abort=True)
                 return
             self._arm(min(timeout, send_timeout), Timer.UPSTREAM_READ)
@@ -691,7 +693,7 @@ class Exchange:
             return
         self._drop_upstream(cycle)
         if cycle.response_started:
-            self.io.finished(cycle, cycle.status)
+            self.io.finished(cycle, cycle.status, "")
             self.close(abort=True)
         else:
             self._local_reply(cycle, 408, "body_timeout", close=True)
@@ -902,7 +904,7 @@ class Exchange:
         if cycle.upstream is not None:
             self._drop_upstream(cycle)
         if cycle.response_started:
-            self.io.finished(cycle, cycle.status)
+            self.io.finished(cycle, cycle.status, "")
             self.close(abort=True)
         else:
             self._local_reply(cycle, status, code, close=True)
@@ -1048,7 +1050,7 @@ class Exchange:
             else:
                 # the upstream answered before the request body ended: the rest of the
                 # body cannot be resynchronised, so this connection ends here
-                self.io.finished(cycle, cycle.status)
+                self.io.finished(cycle, cycle.status, "")
                 self._drop_upstream(cycle)
                 self.close()
             return
@@ -1097,7 +1099,7 @@ class Exchange:
         self.io.write_client(cycle.leg.response_head(101, headers, event.reason))
         client_rest = cycle.leg.trailing
         upstream_rest = conn.leg.trailing
-        self.io.finished(cycle, 101)
+        self.io.finished(cycle, 101, "")
         cycle.upstream = None
         self.cycle = None
         self.state = State.TUNNEL
@@ -1117,7 +1119,7 @@ class Exchange:
                 # can ever be taken for the answer to a later request.
                 cycle.leg.close_after_response()
             conn.release()
-        self.io.finished(cycle, cycle.status)
+        self.io.finished(cycle, cycle.status, "")
         self.cycle = None
         if self.state is State.CLOSED:
             return
@@ -1182,14 +1184,14 @@ class Exchange:
             else:
                 close = event is not Ev.END and event is not Ev.PAUSED
         if cycle.leg.response_started:
-            self.io.finished(cycle, status)
+            self.io.finished(cycle, status, code)
             self.close(abort=True)
             return
         head_only = cycle.head.method == b"HEAD"
         self._write_reply(
             status, code, cycle.request_id, close=close, head_only=head_only, allow=allow
         )
-        self.io.finished(cycle, status)
+        self.io.finished(cycle, status, code)
         self.cycle = None
         if close:
             self.close()
@@ -1201,7 +1203,7 @@ class Exchange:
         self._cancel_timer()
         request_id = self.worker.next_request_id()
         self._write_reply(status, code, request_id, close=True, head_only=False)
-        self.io.finished(None, status)
+        self.io.finished(None, status, code)
         self.close()
 
     def _write_reply(

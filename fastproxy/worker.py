@@ -360,7 +360,7 @@ class ClientProtocol(asyncio.Protocol):
     def soon(self, callback: Callable[[float], None]) -> None:
         self.worker.loop.call_soon(_call_now, callback)
 
-    def finished(self, cycle: Cycle | None, status: int) -> None:
+    def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
         listener = self.listener
         if cycle is None:
             self.worker.metrics.count_request(listener.name, "-", "reject", status)
