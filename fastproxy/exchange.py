@@ -774,7 +774,9 @@ class Exchange:
                 self._local_reply_raw(refused.status, refused.code)
                 return
             assert isinstance(event, RequestHead)
-            self._cancel_timer()
+            if self.timer is not None:  # _cancel_timer, inline: once per request
+                self.timer = None
+                self.io.cancel_timer()
             cycle = Cycle(leg, event, now, plan)
             self.served += 1
             self.cycle = cycle
@@ -959,7 +961,8 @@ class Exchange:
                 conn.write(conn.leg.end())
                 cycle.request_done = True
                 if not cycle.response_started:
-                    self._arm(conn.config.first_byte_timeout_s, Timer.FIRST_BYTE)
+                    self.timer = Timer.FIRST_BYTE  # _arm, inline: once per request
+                    self.io.arm(conn.config.first_byte_timeout_s)
                 if cycle.response_done:
                     self._finish_cycle(cycle)
                 return
@@ -1070,7 +1073,10 @@ class Exchange:
         cycle.last_read = now
         # the first-byte timer is done; the read timer is armed only if the body goes on
         # after this read (_pump_response), so a small response costs no timer at all
-        self._cancel_timer()
+        # (_cancel_timer, inline: once per request)
+        if self.timer is not None:
+            self.timer = None
+            self.io.cancel_timer()
         lines = event.relayed
         lines.append(b"X-Request-Id: " + cycle.request_id)
         return cycle.leg.response_head_lines(
@@ -1107,7 +1113,9 @@ class Exchange:
 
     def _finish_cycle(self, cycle: Cycle) -> None:
         """Both messages are complete: recycle the upstream, then read the next request."""
-        self._cancel_timer()
+        if self.timer is not None:  # _cancel_timer, inline: once per request
+            self.timer = None
+            self.io.cancel_timer()
         conn = cycle.upstream
         cycle.upstream = None
         self.upstream_write_blocked = False
@@ -1147,13 +1155,16 @@ class Exchange:
             scanner.max_uri_bytes = limits.max_uri_bytes
         if rest:
             self.scanner.feed(rest)
+        # (_arm, inline: once per request)
         if len(self.scanner):
-            self._arm(limits.header_timeout_s, Timer.HEAD)
+            self.timer = Timer.HEAD
+            self.io.arm(limits.header_timeout_s)
         elif self.half_closed:
             self.close()  # half-closed and everything it sent is answered
             return
         else:
-            self._arm(limits.keepalive_timeout_s, Timer.HEAD)
+            self.timer = Timer.HEAD
+            self.io.arm(limits.keepalive_timeout_s)
         self._update_reading()
 
     # ---------------------------------------------------------------- local replies

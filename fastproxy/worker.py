@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -162,6 +163,8 @@ class ClientProtocol(asyncio.Protocol):
     """
 
     __slots__ = (
+        "arm",
+        "cancel_timer",
         "deadline_tick",
         "drain_idle",
         "exchange",
@@ -188,6 +191,11 @@ class ClientProtocol(asyncio.Protocol):
         #: the client's address, as bytes (its str is ``client_ip``)
         self.peer = b""
         self.deadline_tick = 0  # owned by ``worker.deadlines``
+        # ExchangeIO.arm and .cancel_timer: the worker's Deadlines with this connection as the
+        # owner, bound once; a partial adds no Python frame to the twice-per-request calls
+        deadlines = worker.deadlines
+        self.arm: Callable[[float], None] = functools.partial(deadlines.arm, self)
+        self.cancel_timer: Callable[[], None] = functools.partial(deadlines.cancel, self)
         #: the pool of the cycle under way: a retry on a fresh connection uses it again, even
         #: if a reload retired it meanwhile
         self.pool: UpstreamPool | None = None
@@ -350,12 +358,6 @@ class ClientProtocol(asyncio.Protocol):
             # a cycle pins the pool it started with (a reload may retire it meanwhile)
             pool = self.pool = self.worker.pools[upstream]
         return pool.acquire(self, fresh=fresh)
-
-    def arm(self, delay: float) -> None:
-        self.worker.deadlines.arm(self, delay)
-
-    def cancel_timer(self) -> None:
-        self.worker.deadlines.cancel(self)
 
     def soon(self, callback: Callable[[float], None]) -> None:
         self.worker.loop.call_soon(_call_now, callback)
