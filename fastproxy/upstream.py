@@ -43,7 +43,8 @@ class UpstreamOwner(Protocol):
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """One TCP connection to an upstream server."""
+    """One TCP connection to an upstream server; the ``exchange.UpstreamConn`` an exchange
+    writes to, pauses, and gives back (``release``, ``discard``)."""
 
     __slots__ = ("config", "idle_since", "leg", "owner", "reused", "server", "transport")
 
