@@ -43,12 +43,15 @@ class UpstreamOwner(Protocol):
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """One TCP connection to an upstream server."""
+    """One TCP connection to an upstream server; the ``exchange.UpstreamConn`` an exchange
+    writes to, pauses, and gives back (``release``, ``discard``)."""
 
-    __slots__ = ("idle_since", "leg", "owner", "reused", "server", "transport")
+    __slots__ = ("config", "idle_since", "leg", "owner", "reused", "server", "transport")
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        #: the spec of the pool it belongs to (its timeouts), pinned with the connection
+        self.config = server.pool.config
         self.leg = UpstreamLeg()
         self.owner: UpstreamOwner | None = None
         self.transport: asyncio.Transport | None = None
@@ -104,6 +107,22 @@ class UpstreamProtocol(asyncio.Protocol):
     def writelines(self, data: list[bytes]) -> None:
         if self.transport is not None:
             self.transport.writelines(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def release(self) -> None:
+        """Back to its pool after a complete exchange (``UpstreamPool.release``)."""
+        self.server.pool.release(self)
+
+    def discard(self) -> None:
+        """Drop it, failed or abandoned mid-exchange (``UpstreamPool.discard``)."""
+        self.server.pool.discard(self)
 
     def close(self) -> None:
         """Close and drop the connection, whoever owns it."""

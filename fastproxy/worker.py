@@ -1,36 +1,34 @@
 """One worker process: a uvloop event loop serving every listener with callbacks.
 
-[I/O] Imports everything below it (errors, config, policy, headers, http1, wsrelay, upstream,
-metrics, admin). Runs only in a child forked by the master.
+[I/O] Imports everything below it (errors, config, exchange, http1, wsrelay, upstream, deadlines,
+metrics, log, admin). Runs only in a child forked by the master.
 
 Theory of operation
 -------------------
-``ClientProtocol`` is one client connection. Its life is a loop of cycles (one request and its
-response); no task is created per request, everything runs in transport callbacks:
+``ClientProtocol`` is one client connection: the asyncio adapter of an ``exchange.Exchange``,
+the pure state machine of its request cycles (head, admission, forward with pipelining, local
+replies, timeouts' decisions, the stale-pool retry, the 101 check). No task is created per
+request; everything runs in transport callbacks:
 
-1. ``HEAD``: bytes accumulate in a ``HeadScanner`` until a whole, well-formed head is there.
-2. The head goes to a fresh client leg (h11 or httptools), the headers to
-   ``headers.inspect_request`` and the target to the listener's ``PrefixTable``. A local
-   answer (403, 400, 405...) is written at once; a forward takes an upstream connection from
-   the pool (``UPSTREAM`` state).
-3. ``FORWARD``: request body events are written to the upstream as they are parsed, response
-   events to the client as they arrive. Each side's ``pause_writing`` pauses reading on the
-   other, so a slow peer holds back the fast one instead of filling memory.
-4. When both messages are complete the upstream connection returns to the pool and the unread
-   client bytes go back to the scanner: pipelined requests are answered in order.
-5. ``TUNNEL``: after a checked 101, ``wsrelay`` carries WebSocket frames both ways.
+1. Transport callbacks become the exchange's events, with the clock (``time.monotonic``) read
+   here and passed in; upstream callbacks (``upstream.UpstreamOwner``) likewise.
+2. The exchange's effects come back as ``ExchangeIO`` calls: transport writes, pause and resume
+   reading, ``open_upstream`` on the cycle's pool, the one timeout (``Deadlines``: one loop timer
+   for all connections), ``finished`` (metrics and the access record), ``switched``.
+3. ``TUNNEL``: after a checked 101 the adapter relays WebSocket frames both ways (``wsrelay``),
+   with its own timeouts (pings, idle, the close handshake).
 
-Every timeout is owned here, one per connection at a time, kept by the worker's ``Deadlines``
-(one loop timer for all connections); the pure modules never read a clock.
+Invariants: the pure modules never read a clock; a connection has one deadline armed at a time
+(the exchange's or the tunnel's); a cycle pins its ``ListenerPlan`` (in the exchange) and its
+upstream pool (``ClientProtocol.pool``), so a reload never changes a request under way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import fcntl
-import ipaddress
+import functools
 import logging
 import os
 import signal
@@ -48,24 +46,14 @@ from fastproxy import admin, control, log
 from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import ConfigError, FastproxyError
-from fastproxy.exchange import Verdict, admit
-from fastproxy.headers import RequestInfo, RequestRefused, response_headers
-from fastproxy.http1 import (
-    ClientLeg,
-    Ev,
-    HeadScanner,
-    RequestHead,
-    ResponseHead,
-    ServerLeg,
-    UpstreamBroken,
-    local_response,
-)
+from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict
+from fastproxy.http1 import ClientLeg, ServerLeg
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Decision
 from fastproxy.runtime import ListenerPlan, Snapshot, diff
 from fastproxy.upstream import UpstreamPool, UpstreamProtocol
 from fastproxy.wsframe import CLOSE_GOING_AWAY, FrameTracker, close_frame
-from fastproxy.wsrelay import RelayOutput, WebSocketRelay, upgrade_accepted
+from fastproxy.wsrelay import RelayOutput, WebSocketRelay
 
 logger = logging.getLogger(__name__)
 
@@ -82,23 +70,10 @@ DRAIN_STEP_S = 0.05
 #: on SIGTERM, an idle keep-alive connection is closed once it has been quiet this long
 DRAIN_QUIET_S = 0.5
 _INT_ZERO = bytes(4)
-#: a forwarded request that fastproxy ends up answering itself (502, 504...) is an error
-_FAILED_IF_ANSWERED_HERE = frozenset({Verdict.FORWARD, Verdict.REWRITE, Verdict.WEBSOCKET})
-#: requests that may be sent again when a pooled connection turns out to be closed
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
 
-class State(enum.Enum):
-    #: waiting for (or scanning) the next request head
-    HEAD = "head"
-    #: a forward is waiting for an upstream connection
-    UPSTREAM = "upstream"
-    #: request and response are streaming
-    FORWARD = "forward"
-    #: WebSocket frames are relayed
-    TUNNEL = "tunnel"
-    #: the connection is closing; input is ignored
-    CLOSED = "closed"
+def _call_now(callback: Callable[[float], None]) -> None:
+    callback(time.monotonic())
 
 
 class Listener:
@@ -155,6 +130,8 @@ class WorkerState:
         self.draining = False
         self.deadlines = Deadlines(loop)
         self.leg_class = leg_class_for(snapshot.http_parser)
+        #: the Host sent to each upstream for an HTTP/1.0 request without one
+        self.default_hosts = snapshot.default_hosts
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_counter = 0
 
@@ -176,139 +153,76 @@ class WorkerState:
         return b"%s%08x" % (self._rid_prefix, self._rid_counter)
 
 
-def error_body(code: str, request_id: bytes) -> bytes:
-    return orjson.dumps({"error": code, "request_id": request_id.decode("ascii")})
-
-
-class Cycle:
-    """One request/response exchange on a client connection."""
-
-    __slots__ = (
-        "body_bytes",
-        "decision",
-        "head",
-        "info",
-        "last_body",
-        "last_read",
-        "leg",
-        "plan",
-        "pool",
-        "request_done",
-        "request_id",
-        "response_done",
-        "response_started",
-        "retried",
-        "sent_head",
-        "start",
-        "status",
-        "upstream",
-        "upstream_name",
-        "verdict",
-        "websocket",
-    )
-
-    def __init__(self, leg: ClientLeg, head: RequestHead, start: float, plan: ListenerPlan) -> None:
-        self.leg = leg
-        self.head = head
-        self.start = start
-        #: the listener's plan when the request began: the whole exchange follows it
-        self.plan = plan
-        #: the upstream pool chosen at the start (a reload may retire it meanwhile)
-        self.pool: UpstreamPool | None = None
-        self.info: RequestInfo | None = None
-        self.decision: Decision | None = None
-        self.request_id = b""
-        self.verdict = Verdict.REJECT
-        self.status = 0
-        self.upstream: UpstreamProtocol | None = None
-        self.upstream_name = ""
-        self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
-        self.body_bytes = 0
-        self.last_read = 0.0
-        self.last_body = 0.0
-        self.request_done = False
-        self.response_started = False
-        self.response_done = False
-        self.websocket = False
-        self.retried = False
-
-
 class ClientProtocol(asyncio.Protocol):
-    """One client connection on one listener."""
+    """One client connection on one listener: the asyncio adapter of an ``exchange.Exchange``.
+
+    It turns transport callbacks into the exchange's events (with the clock read here) and
+    carries out its effects (``ExchangeIO``): transport writes, pause and resume, the pool,
+    the ``Deadlines`` timer, metrics and the access log. The WebSocket tunnel after a checked
+    101 is relayed here, with its own timers (pings, the close handshake).
+    """
 
     __slots__ = (
-        "blocked_since",
-        "client_eof",
-        "client_write_blocked",
-        "cycle",
+        "arm",
+        "cancel_timer",
         "deadline_tick",
         "drain_idle",
+        "exchange",
         "last_ws_activity",
         "listener",
         "peer",
-        "pump_yielded",
-        "read_paused",
+        "pool",
         "relay",
-        "scanner",
-        "served",
-        "state",
-        "timer",
         "transport",
-        "trust_plan",
-        "trusted",
         "tunnel_limits",
         "tunnel_trackers",
         "tunnel_upstream",
-        "upstream_write_blocked",
         "worker",
         "ws_active",
         "ws_closing",
+        "ws_timer",
     )
 
     def __init__(self, worker: WorkerState, listener: Listener) -> None:
-        limits = listener.plan.limits
         self.worker = worker
         self.listener = listener
-        self.scanner = HeadScanner(limits.max_head_bytes, limits.max_headers, limits.max_uri_bytes)
-        self.state = State.HEAD
-        self.cycle: Cycle | None = None
+        self.exchange = Exchange(self, worker, listener)
         self.transport: asyncio.Transport | None = None
         #: the client's address, as bytes (its str is ``client_ip``)
         self.peer = b""
-        #: the method to call when the armed timeout expires (None: no timeout armed); kept
-        #: unbound, so arming creates no bound-method object
-        self.timer: Callable[[ClientProtocol], None] | None = None
         self.deadline_tick = 0  # owned by ``worker.deadlines``
-        self.read_paused = False
-        #: a read full of tiny chunks is being worked through a slice per loop pass
-        self.pump_yielded = False
-        self.upstream_write_blocked = False
-        self.client_write_blocked = False
-        self.blocked_since = 0.0
-        self.trusted = False
-        #: the plan ``trusted`` was decided with (a reload may change ``trusted_proxies``)
-        self.trust_plan: ListenerPlan | None = None
+        # ExchangeIO.arm and .cancel_timer: the worker's Deadlines with this connection as the
+        # owner, bound once; a partial adds no Python frame to the twice-per-request calls
+        deadlines = worker.deadlines
+        self.arm: Callable[[float], None] = functools.partial(deadlines.arm, self)
+        self.cancel_timer: Callable[[], None] = functools.partial(deadlines.cancel, self)
+        #: the pool of the cycle under way: a retry on a fresh connection uses it again, even
+        #: if a reload retired it meanwhile
+        self.pool: UpstreamPool | None = None
+        #: the tunnel's timeout callback (None: the exchange's timer, if any); kept unbound,
+        #: so arming creates no bound-method object
+        self.ws_timer: Callable[[ClientProtocol], None] | None = None
         #: the limits of the plan a WebSocket tunnel opened with
         self.tunnel_limits: Limits | None = None
-        #: requests started on this connection
-        self.served = 0
         #: draining: ``(served, loop time)`` when the connection was first seen idle
         self.drain_idle: tuple[int, float] | None = None
         #: ``tunnel`` mode: frame boundaries towards the client and towards the upstream
         self.tunnel_trackers: tuple[FrameTracker, FrameTracker] | None = None
-        #: the client half-closed after a complete request: answer what it sent, then close
-        self.client_eof = False
         #: when the tunnel was last seen active, as of the last keep-alive tick
         self.last_ws_activity = 0.0
         #: a frame went through since the last keep-alive tick (cheaper than a clock read each)
         self.ws_active = False
         self.relay: WebSocketRelay | None = None
-        self.tunnel_upstream: UpstreamProtocol | None = None
+        self.tunnel_upstream: UpstreamConn | None = None
         self.ws_closing = False
 
     @property
     def client_ip(self) -> str:
         return self.peer.decode()
+
+    @property
+    def state(self) -> State:
+        return self.exchange.state
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -316,12 +230,9 @@ class ClientProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         listener = self.listener
-        plan = listener.plan
-        limits = plan.limits
+        limits = listener.plan.limits
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
-        self.trusted = self._is_trusted(plan)
-        self.trust_plan = plan
         count = listener.per_client.get(self.peer, 0) + 1
         listener.per_client[self.peer] = count
         listener.connections.add(self)
@@ -329,50 +240,27 @@ class ClientProtocol(asyncio.Protocol):
         if len(listener.connections) > limits.max_connections or (
             limits.max_connections_per_client and count > limits.max_connections_per_client
         ):
-            self.state = State.CLOSED
+            self.exchange.state = State.CLOSED
             transport.abort()
             return
         # (uvloop sets TCP_NODELAY on every TCP transport itself)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
-        self._arm(limits.header_timeout_s, ClientProtocol._on_head_timeout)
+        self.exchange.wind_down = self.worker.draining or listener.retired
+        self.exchange.open(self.peer)
 
     def data_received(self, data: bytes) -> None:
-        state = self.state
-        if state is State.HEAD:
-            first = len(self.scanner) == 0 and self.cycle is None
-            self.scanner.feed(data)
-            self._process()
-            if first and self.state is State.HEAD and self.cycle is None and len(self.scanner):
-                # the first bytes of a head, not yet all of it: the header timeout replaces the
-                # keep-alive one (a head that arrived whole needs no timer of its own)
-                self._arm(
-                    self.listener.plan.limits.header_timeout_s, ClientProtocol._on_head_timeout
-                )
-        elif state is State.FORWARD or state is State.UPSTREAM:
-            cycle = self.cycle
-            assert cycle is not None
-            cycle.leg.feed(data)
-            if state is State.FORWARD:
-                self._pump_request()
-            self._update_reading()
-        elif state is State.TUNNEL:
+        exchange = self.exchange
+        if exchange.state is not State.TUNNEL:
+            exchange.client_data(data, time.monotonic())
+        else:
             self._tunnel_from_client(data)
 
     def eof_received(self) -> bool | None:
-        state = self.state
-        if state is State.TUNNEL and self.relay is None and self.tunnel_upstream is not None:
-            self.tunnel_upstream.close()
-        cycle = self.cycle
-        if (
-            (state is State.FORWARD or state is State.UPSTREAM)
-            and cycle is not None
-            and cycle.request_done
-        ):
-            # A half-close after a whole request: the answer still goes out (and any complete
-            # requests pipelined before the FIN), then the connection closes.
-            self.client_eof = True
-            return True
-        return None  # close the transport
+        if self.exchange.state is State.TUNNEL:
+            if self.relay is None and self.tunnel_upstream is not None:
+                self.tunnel_upstream.close()
+            return None
+        return True if self.exchange.client_eof() else None  # None: close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
@@ -384,560 +272,119 @@ class ClientProtocol(asyncio.Protocol):
             listener.per_client[ip] = left
         else:
             listener.per_client.pop(ip, None)
-        self._cancel_timer()
-        previous = self.state
-        self.state = State.CLOSED
-        cycle = self.cycle
-        if cycle is not None and cycle.upstream is not None:
-            self._drop_upstream(cycle)
-            if not cycle.response_done:
-                self._finish_metrics(cycle, 499 if not cycle.status else cycle.status)
+        self._cancel_ws_timer()
+        previous = self.exchange.state
+        self.exchange.client_lost()
         if previous is State.TUNNEL:
             self._end_tunnel()
         self.transport = None
 
     def pause_writing(self) -> None:
-        self.client_write_blocked = True
-        self.blocked_since = self.worker.loop.time()
-        cycle = self.cycle
-        if cycle is not None and cycle.upstream is not None and cycle.upstream.transport:
-            cycle.upstream.transport.pause_reading()
-        elif self.tunnel_upstream is not None and self.tunnel_upstream.transport:
-            self.tunnel_upstream.transport.pause_reading()
+        self.exchange.client_blocked(time.monotonic())
+        if self.tunnel_upstream is not None:
+            self.tunnel_upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.client_write_blocked = False
-        cycle = self.cycle
-        if cycle is not None and cycle.upstream is not None and cycle.upstream.transport:
-            cycle.upstream.transport.resume_reading()
-        elif self.tunnel_upstream is not None and self.tunnel_upstream.transport:
-            self.tunnel_upstream.transport.resume_reading()
-        if self.state is State.HEAD:
-            # local replies were held back while the client did not read them
-            self._update_reading()
-            self.worker.loop.call_soon(self._process)
-
-    # ---------------------------------------------------------------- timers
-
-    def _arm(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
-        """Run ``callback(self)`` in ``delay`` seconds, replacing the timeout armed before."""
-        self.timer = callback
-        self.worker.deadlines.arm(self, delay)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer = None
-            self.worker.deadlines.cancel(self)
-
-    def on_deadline(self) -> None:
-        callback = self.timer
-        if callback is not None:
-            self.timer = None
-            callback(self)
-
-    def _on_head_timeout(self) -> None:
-        """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
-        if self.state is not State.HEAD:
-            return
-        if self.client_write_blocked:
-            self._close(abort=True)  # it does not even read our replies
-            return
-        if len(self.scanner) == 0:
-            self._close()  # an idle connection: close quietly, as nginx does
-            return
-        self._local_reply_raw(408, "header_timeout")
-
-    def _on_upstream_read_timeout(self) -> None:
-        """No upstream byte for ``read_timeout_s`` in the middle of a response body."""
-        cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.response_done:
-            return
-        assert cycle.pool is not None
-        timeout = cycle.pool.config.read_timeout_s
-        now = self.worker.loop.time()
-        if self.client_write_blocked:
-            # the client is the slow side: its own send timeout applies, not the upstream's
-            send_timeout = cycle.plan.limits.send_timeout_s
-            if now - self.blocked_since >= send_timeout:
-                self._drop_upstream(cycle)
-                self._finish_metrics(cycle, cycle.status)
-                self._close(abort=True)
-                return
-            self._arm(min(timeout, send_timeout), ClientProtocol._on_upstream_read_timeout)
-            return
-        quiet = now - cycle.last_read
-        if quiet < timeout:
-            self._arm(timeout - quiet, ClientProtocol._on_upstream_read_timeout)
-            return
-        self._upstream_failed(cycle, "upstream_timeout", 504)
-
-    def _on_body_timeout(self) -> None:
-        """The request body stalled: the client stopped sending, or the upstream reading."""
-        cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.request_done:
-            return
-        timeout = cycle.plan.limits.body_timeout_s
-        quiet = self.worker.loop.time() - cycle.last_body
-        if quiet < timeout:
-            self._arm(timeout - quiet, ClientProtocol._on_body_timeout)
-            return
-        if self.upstream_write_blocked:
-            self._upstream_failed(cycle, "upstream_timeout", 504)
-            return
-        self._drop_upstream(cycle)
-        if cycle.response_started:
-            self._finish_metrics(cycle, cycle.status)
-            self._close(abort=True)
-        else:
-            self._local_reply(cycle, 408, "body_timeout", close=True)
-
-    def _on_upstream_timeout(self) -> None:
-        cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.response_started:
-            return
-        self._upstream_failed(cycle, "upstream_timeout", 504)
-
-    # ---------------------------------------------------------------- reading control
-
-    def _update_reading(self) -> None:
-        """Read from the client only while its bytes can go somewhere.
-
-        Paused while the upstream cannot take more, while waiting for an upstream connection,
-        and once bytes arrive after the complete request (pipelined requests: they wait in the
-        kernel until this cycle ends, so buffering stays bounded by one read). Reading is not
-        paused merely because the request is complete: on a keep-alive connection that would
-        cost two reading-state changes per request.
-        """
-        transport = self.transport
-        if transport is None:
-            return
-        cycle = self.cycle
-        want_pause = (
-            self.pump_yielded
-            or self.upstream_write_blocked
-            or (self.client_write_blocked and self.state is State.HEAD)
-            or (
-                cycle is not None
-                and (
-                    self.state is State.UPSTREAM
-                    or (cycle.request_done and len(cycle.leg.trailing) > 0)
-                )
-            )
-        )
-        if want_pause and not self.read_paused:
-            self.read_paused = True
-            transport.pause_reading()
-        elif not want_pause and self.read_paused:
-            self.read_paused = False
-            transport.resume_reading()
-
-    def on_upstream_pause_writing(self) -> None:
-        self.upstream_write_blocked = True
-        self._update_reading()
-
-    def on_upstream_resume_writing(self) -> None:
-        self.upstream_write_blocked = False
-        self._update_reading()
-
-    # ---------------------------------------------------------------- request cycle
-
-    def _process(self) -> None:
-        """Start as many cycles as the buffered bytes allow (pipelining, answered in order)."""
-        while self.state is State.HEAD:
-            if self.client_write_blocked:
-                # answers pile up unread: stop here, resume_writing() starts again
-                self._update_reading()
-                return
-            try:
-                taken = self.scanner.maybe_take_head()
-            except RequestRefused as refused:
-                self._local_reply_raw(refused.status, refused.code)
-                return
-            if taken is None:
-                if self.client_eof:
-                    self._close()  # the client half-closed: nothing more can arrive
-                return
-            head_bytes, rest = taken
-            plan = self.listener.plan
-            leg = self.worker.leg_class(plan.limits.max_head_bytes)
-            try:
-                leg.feed_head(head_bytes)
-                if rest:
-                    leg.feed(rest)
-                event = leg.next_event()
-            except RequestRefused as refused:
-                self._local_reply_raw(refused.status, refused.code)
-                return
-            assert isinstance(event, RequestHead)
-            self._cancel_timer()
-            cycle = Cycle(leg, event, time.monotonic(), plan)
-            self.served += 1
-            self.cycle = cycle
-            self._start(cycle)
-
-    def _start(self, cycle: Cycle) -> None:
-        plan = cycle.plan
-        if plan is not self.trust_plan:  # a reload: trusted_proxies may have changed
-            self.trusted = self._is_trusted(plan)
-            self.trust_plan = plan
-        worker = self.worker
-        admission = admit(
-            cycle.head,
-            plan,
-            trusted=self.trusted,
-            peer=self.peer,
-            new_request_id=worker.next_request_id,
-            default_hosts=worker.snapshot.default_hosts,
-        )
-        cycle.info = admission.info
-        cycle.request_id = admission.request_id
-        cycle.decision = decision = admission.decision
-        verdict = cycle.verdict = admission.verdict
-        if admission.status:
-            self._local_reply(
-                cycle,
-                admission.status,
-                admission.code,
-                close=admission.close,
-                allow=admission.allow,
-            )
-            return
-        assert decision is not None
-        if verdict is Verdict.WOULD_DENY and logger.isEnabledFor(logging.INFO):
-            name = self.listener.name
-            logger.info(
-                "would deny %s on listener %s (report mode)",
-                decision.path[:200].decode("ascii", "backslashreplace"),
-                name,
-                extra={"listener": name, "decision": "would_deny"},
-            )
-        cycle.websocket = admission.websocket
-        upstream_name = cycle.upstream_name = admission.upstream
-        cycle.pool = worker.pools[upstream_name]
-        cycle.sent_head = (cycle.head.method, decision.target, admission.headers)
-        self._acquire(cycle, fresh=False)
-
-    def _is_trusted(self, plan: ListenerPlan) -> bool:
-        networks = plan.config.trusted_proxies
-        if not networks:
-            return False
-        try:
-            address = ipaddress.ip_address(self.client_ip)
-        except ValueError:
-            return False
-        return any(address in net for net in networks)
-
-    def _acquire(self, cycle: Cycle, *, fresh: bool) -> None:
-        self.state = State.UPSTREAM
-        pool = cycle.pool
-        assert pool is not None
-        conn = pool.acquire(self, fresh=fresh)
-        if conn is not None:
-            self.on_upstream_ready(conn)
-        else:
-            self._update_reading()
+        if self.tunnel_upstream is not None:
+            self.tunnel_upstream.resume_reading()
+        self.exchange.client_unblocked()
 
     # ---------------------------------------------------------------- upstream callbacks
 
     def on_upstream_ready(self, conn: UpstreamProtocol) -> None:
-        cycle = self.cycle
-        if self.state is not State.UPSTREAM or cycle is None or cycle.sent_head is None:
-            # the client went away while we were connecting
-            conn.server.pool.release(conn)
-            return
-        cycle.upstream = conn
-        self.state = State.FORWARD
-        if self.client_write_blocked and conn.transport is not None:
-            conn.transport.pause_reading()
-        method, target, headers = cycle.sent_head
-        conn.write(conn.leg.request(method, target, headers))
-        if cycle.request_done:
-            # a retry: the body-less request was read completely on the first attempt
-            conn.write(conn.leg.end())
-            self._arm(
-                conn.server.pool.config.first_byte_timeout_s, ClientProtocol._on_upstream_timeout
-            )
-            return
-        self._pump_request()
-        if self.state is State.FORWARD:
-            if not cycle.request_done:
-                cycle.last_body = self.worker.loop.time()
-                self._arm(cycle.plan.limits.body_timeout_s, ClientProtocol._on_body_timeout)
-            self._update_reading()
+        self.exchange.upstream_ready(conn, time.monotonic())
 
     def on_upstream_failed(self, code: str) -> None:
-        cycle = self.cycle
-        if self.state is not State.UPSTREAM or cycle is None:
-            return
-        self.worker.metrics.upstream_errors.labels(cycle.upstream_name, code).inc()
-        self._local_reply(cycle, 504 if code == "upstream_timeout" else 502, code, close=True)
+        self.exchange.upstream_failed(code)
 
     def on_upstream_data(self, data: bytes) -> None:
-        if self.state is State.TUNNEL:
+        exchange = self.exchange
+        if exchange.state is not State.TUNNEL:
+            exchange.upstream_data(data, time.monotonic())
+        else:
             self._tunnel_from_upstream(data)
-            return
-        cycle = self.cycle
-        if cycle is None or cycle.upstream is None:
-            return
-        if data:
-            cycle.upstream.leg.feed(data)
-            cycle.last_read = self.worker.loop.time()
-        self._pump_response(cycle)
 
     def on_upstream_lost(self) -> None:
-        if self.state is State.TUNNEL:
+        if self.exchange.state is State.TUNNEL:
             self._end_tunnel()
             self._close()
             return
-        cycle = self.cycle
-        if cycle is None or cycle.upstream is None or self.state is not State.FORWARD:
-            return
-        cycle.upstream.leg.feed_eof()
-        self._pump_response(cycle)
-        if self.state is State.FORWARD and not cycle.response_done and cycle.upstream is not None:
-            self._upstream_broke(cycle)
+        self.exchange.upstream_lost(time.monotonic())
 
-    def _upstream_broke(self, cycle: Cycle) -> None:
-        """The upstream closed, or broke HTTP, before a complete response."""
-        conn = cycle.upstream
-        self._drop_upstream(cycle)
-        info = cycle.info
-        if (
-            conn is not None
-            and conn.reused
-            and not conn.leg.received_any
-            and not cycle.response_started
-            and not cycle.retried
-            and info is not None
-            and not info.has_body
-            and cycle.head.method in IDEMPOTENT_METHODS
-        ):
-            # A keep-alive connection the backend closed while it sat idle in the pool: the
-            # request cannot have been processed, so it is sent once more on a new connection
-            # (nginx's proxy_next_upstream for idempotent requests).
-            cycle.retried = True
-            self._acquire(cycle, fresh=True)
-            return
-        self._upstream_failed(cycle, "upstream_failed", 502)
+    def on_upstream_pause_writing(self) -> None:
+        self.exchange.upstream_blocked()
 
-    def _upstream_failed(self, cycle: Cycle, code: str, status: int) -> None:
-        self.worker.metrics.upstream_errors.labels(cycle.upstream_name, code).inc()
-        if cycle.upstream is not None:
-            self._drop_upstream(cycle)
-        if cycle.response_started:
-            self._finish_metrics(cycle, cycle.status)
-            self._close(abort=True)
-        else:
-            self._local_reply(cycle, status, code, close=True)
+    def on_upstream_resume_writing(self) -> None:
+        self.exchange.upstream_unblocked()
 
-    def _drop_upstream(self, cycle: Cycle) -> None:
-        conn = cycle.upstream
-        cycle.upstream = None
-        self.upstream_write_blocked = False
-        if conn is not None:
-            conn.server.pool.discard(conn)
+    # ---------------------------------------------------------------- ExchangeIO
 
-    # ---------------------------------------------------------------- streaming
-
-    def _pump_request(self) -> None:
-        """Move parsed request body events from the client to the upstream."""
-        cycle = self.cycle
-        assert cycle is not None
-        conn = cycle.upstream
-        if conn is None or cycle.request_done:
-            return
-        leg = cycle.leg
-        limit = cycle.decision.rule.max_body_bytes if cycle.decision else 0
-        while True:
-            try:
-                event = leg.next_event()
-            except RequestRefused as refused:
-                self._drop_upstream(cycle)
-                if cycle.response_started:
-                    self._close(abort=True)
-                else:
-                    self._local_reply(cycle, refused.status, refused.code, close=True)
-                return
-            if type(event) is bytes:
-                cycle.body_bytes += len(event)
-                cycle.last_body = self.worker.loop.time()
-                if cycle.body_bytes > limit:
-                    self._drop_upstream(cycle)
-                    if cycle.response_started:
-                        self._close(abort=True)
-                    else:
-                        self._local_reply(cycle, 413, "body_too_large", close=True)
-                    return
-                conn.writelines(conn.leg.body(event))
-                if leg.capped:
-                    # a read of many tiny chunks: one slice per loop pass, so that other
-                    # connections of this worker are served in between (SPEC 7)
-                    self._yield_request_pump()
-                    return
-            elif event is Ev.END:
-                conn.write(conn.leg.end())
-                cycle.request_done = True
-                if not cycle.response_started:
-                    self._arm(
-                        conn.server.pool.config.first_byte_timeout_s,
-                        ClientProtocol._on_upstream_timeout,
-                    )
-                if cycle.response_done:
-                    self._finish_cycle(cycle)
-                return
-            else:
-                return  # NEED_DATA or PAUSED
-
-    def _yield_request_pump(self) -> None:
-        self.pump_yielded = True
-        self._update_reading()
-        self.worker.loop.call_soon(self._resume_request_pump)
-
-    def _resume_request_pump(self) -> None:
-        self.pump_yielded = False
-        if self.state is State.FORWARD and self.cycle is not None:
-            self._pump_request()
-        if self.state is not State.CLOSED and not self.pump_yielded:
-            self._update_reading()
-
-    def _yield_response_pump(self, cycle: Cycle) -> None:
-        conn = cycle.upstream
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
-        self.worker.loop.call_soon(self._resume_response_pump, cycle)
-
-    def _resume_response_pump(self, cycle: Cycle) -> None:
-        conn = cycle.upstream
-        if cycle is not self.cycle or conn is None or self.state is not State.FORWARD:
-            return
-        if conn.transport is not None and not self.client_write_blocked:
-            conn.transport.resume_reading()
-        self._pump_response(cycle)
-
-    def _pump_response(self, cycle: Cycle) -> None:
-        """Move parsed response events from the upstream to the client.
-
-        What one call produces (typically head, body and end together) is written with one
-        ``writelines``: one system call per response instead of one per event.
-        """
-        conn = cycle.upstream
-        if conn is None:
-            return
-        leg = conn.leg
-        client_leg = cycle.leg
-        out: list[bytes] = []
-        # the final head is in ``out``, not yet written: a failure now can still be a 502
-        head_unsent = False
-        while True:
-            try:
-                event = leg.next_event()
-                if event is Ev.END and head_unsent and leg.overrun:
-                    # the whole response and bytes after it came in one read: refused like
-                    # the bytes after a response without a body (a second response appended)
-                    raise UpstreamBroken("bytes after the complete response")
-            except UpstreamBroken as broken:
-                if logger.isEnabledFor(logging.DEBUG):
-                    logger.debug("upstream %s broke: %s", cycle.upstream_name, broken)
-                if head_unsent:
-                    cycle.response_started = False
-                    client_leg.discard_response_head()
-                self._upstream_broke(cycle)
-                return
-            try:
-                if type(event) is bytes:
-                    out += client_leg.body(event)
-                    if leg.capped:
-                        # a read of many tiny chunks: one slice per loop pass (SPEC 7)
-                        self._flush(out)
-                        self._yield_response_pump(cycle)
-                        return
-                    continue
-                if type(event) is ResponseHead:
-                    if event.status == 101:
-                        self._flush(out)
-                        self._on_switch(cycle, event)
-                        return
-                    out.append(self._response_head(cycle, event))
-                    head_unsent = cycle.response_started
-                    continue
-                if event is Ev.END:
-                    out.append(client_leg.end())
-            except UpstreamBroken:  # the body disagrees with the Content-Length relayed
-                self._upstream_failed(cycle, "upstream_failed", 502)
-                return
-            self._flush(out)
-            if event is not Ev.END:
-                if cycle.response_started and self.timer is None and self.state is State.FORWARD:
-                    self._arm(
-                        conn.server.pool.config.read_timeout_s,
-                        ClientProtocol._on_upstream_read_timeout,
-                    )
-                return  # NEED_DATA, PAUSED, SWITCHED
-            cycle.response_done = True
-            if cycle.request_done:
-                self._finish_cycle(cycle)
-            else:
-                # the upstream answered before the request body ended: the rest of the
-                # body cannot be resynchronised, so this connection ends here
-                self._finish_metrics(cycle, cycle.status)
-                self._drop_upstream(cycle)
-                self._close()
-            return
-
-    def _flush(self, out: list[bytes]) -> None:
-        if out and self.transport is not None:
-            self.transport.writelines(out)
-
-    def _response_head(self, cycle: Cycle, event: ResponseHead) -> bytes:
-        """The bytes of a relayed response head (``b""`` for a 1xx that is not relayed)."""
-        status = event.status
-        if status < 200:
-            if status == 100 and not cycle.request_done:
-                headers = response_headers(event.headers, request_id=cycle.request_id)
-                return cycle.leg.response_head(100, headers, event.reason)
-            return b""
-        cycle.status = status
-        cycle.response_started = True
-        upstream = cycle.upstream
-        assert upstream is not None
-        cycle.last_read = self.worker.loop.time()
-        # the first-byte timer is done; the read timer is armed only if the body goes on
-        # after this read (_pump_response), so a small response costs no timer at all
-        self._cancel_timer()
-        lines = event.relayed
-        lines.append(b"X-Request-Id: " + cycle.request_id)
-        return cycle.leg.response_head_lines(
-            status,
-            lines,
-            event.reason,
-            length=upstream.leg.declared_length,
-            close=self.worker.draining or self.listener.retired,
-        )
-
-    def _on_switch(self, cycle: Cycle, event: ResponseHead) -> bool:
-        conn = cycle.upstream
-        info = cycle.info
-        assert conn is not None and info is not None
-        if (
-            not cycle.websocket
-            or info.ws_key is None
-            or not upgrade_accepted(info.ws_key, event.headers)
-        ):
-            self._upstream_failed(cycle, "upstream_failed", 502)
-            return True
-        self._cancel_timer()
-        cycle.status = 101
-        cycle.response_started = True
-        headers = response_headers(event.headers, request_id=cycle.request_id, keep_upgrade=True)
+    def write_client(self, data: bytes) -> None:
         transport = self.transport
-        assert transport is not None
-        transport.write(cycle.leg.response_head(101, headers, event.reason))
-        client_rest = cycle.leg.trailing
-        upstream_rest = conn.leg.trailing
-        self._finish_metrics(cycle, 101)
-        cycle.upstream = None
-        self.cycle = None
-        self.state = State.TUNNEL
+        if transport is not None:
+            transport.write(data)
+
+    def writelines_client(self, data: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.writelines(data)
+
+    def close_client(self, abort: bool) -> None:
+        transport = self.transport
+        if transport is not None:
+            if abort:
+                # RST instead of FIN: the kernel drops what the client has not read, instead of
+                # keeping it for a peer that may never read (nginx's reset_timedout_connection)
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                transport.abort()
+            else:
+                transport.close()
+
+    def set_reading(self, reading: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def open_upstream(self, upstream: str, fresh: bool) -> UpstreamConn | None:
+        pool = self.pool
+        if not fresh or pool is None:
+            # a cycle pins the pool it started with (a reload may retire it meanwhile)
+            pool = self.pool = self.worker.pools[upstream]
+        return pool.acquire(self, fresh=fresh)
+
+    def soon(self, callback: Callable[[float], None]) -> None:
+        self.worker.loop.call_soon(_call_now, callback)
+
+    def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
+        listener = self.listener
+        if cycle is None:
+            self.worker.metrics.count_request(listener.name, "-", "reject", status)
+            return
+        decision = cycle.decision
+        verdict = cycle.verdict
+        rule = decision.rule.name if decision is not None else "-"
+        self.worker.metrics.count_request(listener.name, rule, verdict.value, status)
+        access = log.access
+        if access is not None:
+            self._access_log(access, cycle, status)
+        if verdict is Verdict.WOULD_DENY and decision is not None:
+            self._log_would_deny(decision)
+
+    def upstream_error(self, upstream: str, code: str, detail: str) -> None:
+        self.worker.metrics.upstream_errors.labels(upstream, code).inc()
+        if detail and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("upstream %s broke: %s", upstream, detail)
+
+    def switched(
+        self, cycle: Cycle, conn: UpstreamConn, client_rest: bytes, upstream_rest: bytes
+    ) -> None:
         self.tunnel_upstream = conn
         self.listener.ws_gauge.inc()
         plan = cycle.plan
@@ -948,74 +395,34 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.tunnel_trackers = (FrameTracker(), FrameTracker())
         self._update_reading_tunnel()
-        self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
+        self._arm_ws(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
         self.last_ws_activity = time.monotonic()
         if upstream_rest:
             self._tunnel_from_upstream(upstream_rest)
-        if client_rest and self.state is State.TUNNEL:
+        if client_rest and self.exchange.state is State.TUNNEL:
             self._tunnel_from_client(client_rest)
-        return True
 
-    def _finish_cycle(self, cycle: Cycle) -> None:
-        """Both messages are complete: recycle the upstream, then read the next request."""
-        self._cancel_timer()
-        conn = cycle.upstream
-        cycle.upstream = None
-        self.upstream_write_blocked = False
-        if conn is not None:
-            if conn.leg.overrun:
-                # Bytes after a complete response, found once it was relayed: the upstream is
-                # out of step (a second response appended). The pool drops the connection, and
-                # this client's connection ends with this response, so nothing read after it
-                # can ever be taken for the answer to a later request.
-                cycle.leg.close_after_response()
-            conn.server.pool.release(conn)
-        self._finish_metrics(cycle, cycle.status)
-        self._next_cycle(cycle)
+    # ---------------------------------------------------------------- timers
 
-    def _next_cycle(self, cycle: Cycle) -> None:
-        self.cycle = None
-        if self.transport is None or self.state is State.CLOSED:
+    def on_deadline(self) -> None:
+        callback = self.ws_timer
+        if callback is not None:
+            self.ws_timer = None
+            callback(self)
             return
-        # Draining, a response sent without Connection: close (it started before the drain)
-        # leaves the client free to send another request: that one is read and answered
-        # with Connection: close; a quiet connection is closed by the drain itself.
-        if not cycle.leg.keep_alive:
-            self._close()
-            return
-        self._read_next(cycle)
-        if self.state is State.HEAD and len(self.scanner):
-            # pipelined bytes: parse them on the next loop pass (no recursion per request)
-            self.worker.loop.call_soon(self._process)
+        self.exchange.timer_fired(time.monotonic())
 
-    def _read_next(self, cycle: Cycle) -> None:
-        """Hand the bytes after ``cycle`` back to the scanner and wait for the next head."""
-        rest = cycle.leg.trailing
-        self.state = State.HEAD
-        plan = self.listener.plan
-        limits = plan.limits
-        if plan is not cycle.plan:  # a reload: the next head is read with the new limits
-            scanner = self.scanner
-            scanner.max_head_bytes = limits.max_head_bytes
-            scanner.max_headers = limits.max_headers
-            scanner.max_uri_bytes = limits.max_uri_bytes
-        if rest:
-            self.scanner.feed(rest)
-        if len(self.scanner):
-            self._arm(limits.header_timeout_s, ClientProtocol._on_head_timeout)
-        elif self.client_eof:
-            self._close()  # half-closed and everything it sent is answered
-            return
-        else:
-            self._arm(limits.keepalive_timeout_s, ClientProtocol._on_head_timeout)
-        self._update_reading()
+    def _arm_ws(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
+        """Run ``callback(self)`` in ``delay`` seconds (tunnel timeouts)."""
+        self.ws_timer = callback
+        self.worker.deadlines.arm(self, delay)
 
-    def _finish_metrics(self, cycle: Cycle, status: int) -> None:
-        rule = cycle.decision.rule.name if cycle.decision is not None else "-"
-        self.worker.metrics.count_request(self.listener.name, rule, cycle.verdict.value, status)
-        access = log.access
-        if access is not None:
-            self._access_log(access, cycle, status)
+    def _cancel_ws_timer(self) -> None:
+        if self.ws_timer is not None:
+            self.ws_timer = None
+            self.worker.deadlines.cancel(self)
+
+    # ---------------------------------------------------------------- records
 
     def _access_log(self, access: log.AccessLog, cycle: Cycle, status: int) -> None:
         """One record per request; the query string, cookies and credentials are never logged."""
@@ -1038,108 +445,31 @@ class ClientProtocol(asyncio.Protocol):
             }
         )
 
-    # ---------------------------------------------------------------- local replies
-
-    def _local_reply(
-        self, cycle: Cycle, status: int, code: str, *, close: bool, allow: bytes = b""
-    ) -> None:
-        """Answer ``cycle`` ourselves with a small JSON body; never echoes client input."""
-        if cycle.upstream is not None:
-            self._drop_upstream(cycle)
-        cycle.status = status
-        if cycle.verdict in _FAILED_IF_ANSWERED_HERE:
-            cycle.verdict = Verdict.ERROR
-        info = cycle.info
-        if (
-            cycle.head.http_version != b"1.1"
-            or info is None
-            or b"close" in info.connection
-            or self.worker.draining
-            or self.listener.retired
-        ):
-            close = True
-        if not close:
-            # the request has no body; read its end so the next request can follow
-            try:
-                event = cycle.leg.next_event()
-            except RequestRefused:
-                close = True
-            else:
-                close = event is not Ev.END and event is not Ev.PAUSED
-        if cycle.leg.response_started:
-            self._finish_metrics(cycle, status)
-            self._close(abort=True)
-            return
-        head_only = cycle.head.method == b"HEAD"
-        self._write_reply(
-            status, code, cycle.request_id, close=close, head_only=head_only, allow=allow
-        )
-        self._finish_metrics(cycle, status)
-        self.cycle = None
-        if close:
-            self._close()
-            return
-        self._read_next(cycle)
-
-    def _local_reply_raw(self, status: int, code: str) -> None:
-        """Answer a request that never parsed, then close."""
-        self._cancel_timer()
-        request_id = self.worker.next_request_id()
-        self._write_reply(status, code, request_id, close=True, head_only=False)
-        self.worker.metrics.count_request(self.listener.name, "-", "reject", status)
-        self._close()
-
-    def _write_reply(
-        self,
-        status: int,
-        code: str,
-        request_id: bytes,
-        *,
-        close: bool,
-        head_only: bool,
-        allow: bytes = b"",
-    ) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        transport.write(
-            local_response(
-                status,
-                error_body(code, request_id) if code else b"",
-                content_type=b"application/json",
-                request_id=request_id,
-                close=close,
-                head_only=head_only,
-                allow=allow,
+    def _log_would_deny(self, decision: Decision) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            name = self.listener.name
+            logger.info(
+                "would deny %s on listener %s (report mode)",
+                decision.path[:200].decode("ascii", "backslashreplace"),
+                name,
+                extra={"listener": name, "decision": "would_deny"},
             )
-        )
 
     def _close(self, *, abort: bool = False) -> None:
-        self._cancel_timer()
-        self.state = State.CLOSED
-        transport = self.transport
-        if transport is not None:
-            if abort:
-                # RST instead of FIN: the kernel drops what the client has not read, instead of
-                # keeping it for a peer that may never read (nginx's reset_timedout_connection)
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                transport.abort()
-            else:
-                transport.close()
+        self._cancel_ws_timer()
+        self.exchange.close(abort=abort)
 
     # ---------------------------------------------------------------- WebSocket tunnel
 
     def _update_reading_tunnel(self) -> None:
+        exchange = self.exchange
         transport = self.transport
-        if transport is not None and self.read_paused:
-            self.read_paused = False
+        if transport is not None and exchange.read_paused:
+            exchange.read_paused = False
             transport.resume_reading()
         conn = self.tunnel_upstream
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if conn is not None:
+            conn.resume_reading()
 
     def _tunnel_from_client(self, data: bytes) -> None:
         conn = self.tunnel_upstream
@@ -1198,7 +528,7 @@ class ClientProtocol(asyncio.Protocol):
         elif not self.ws_closing and self.relay is not None and self.relay.closing:
             # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
             self.ws_closing = True
-            self._arm(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
+            self._arm_ws(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
 
     def _on_ws_close_timeout(self) -> None:
         self._end_tunnel()
@@ -1206,7 +536,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _on_ws_tick(self) -> None:
         limits = self.tunnel_limits
-        if self.state is not State.TUNNEL or limits is None:
+        if self.exchange.state is not State.TUNNEL or limits is None:
             return
         now = time.monotonic()
         if self.ws_active:
@@ -1224,7 +554,7 @@ class ClientProtocol(asyncio.Protocol):
             ping = self.relay.ping_client()
             if ping and self.transport is not None:
                 self.transport.write(ping)
-        self._arm(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
+        self._arm_ws(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
 
     def _end_tunnel(self) -> None:
         conn = self.tunnel_upstream
@@ -1232,13 +562,15 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.tunnel_upstream = None
         self.listener.ws_gauge.dec()
-        conn.server.pool.discard(conn)
+        conn.discard()
 
     def go_idle_away(self, *, quiet_s: float = 0.0) -> None:
         """The listener was removed, or the worker drains: close if idle, that is, nothing of
         a request is buffered here or in the kernel, for ``quiet_s`` with no request started;
         otherwise the connection ends after its next answer (sent with Connection: close)."""
-        if self.state is not State.HEAD or len(self.scanner) or self.transport is None:
+        exchange = self.exchange
+        exchange.wind_down = True
+        if not exchange.idle or self.transport is None:
             return
         if quiet_s:
             # A client between two requests of a busy keep-alive connection looks idle too;
@@ -1246,8 +578,8 @@ class ClientProtocol(asyncio.Protocol):
             # its next answer instead; only a connection quiet for quiet_s is closed here.
             now = self.worker.loop.time()
             seen = self.drain_idle
-            if seen is None or seen[0] != self.served:
-                self.drain_idle = (self.served, now)
+            if seen is None or seen[0] != exchange.served:
+                self.drain_idle = (exchange.served, now)
                 return
             if now - seen[1] < quiet_s:
                 return
@@ -1266,7 +598,7 @@ class ClientProtocol(asyncio.Protocol):
 
         A Close goes only where no frame is half written; the connections close after it.
         """
-        if self.state is not State.TUNNEL:
+        if self.exchange.state is not State.TUNNEL:
             return
         if self.relay is not None:
             self._apply(self.relay.going_away())
@@ -1284,15 +616,10 @@ class ClientProtocol(asyncio.Protocol):
     def abandon(self) -> None:
         """Shutdown, at the deadline: answer a request that has no response yet (503), and
         reset what is still busy, so nothing is left to the master's SIGKILL."""
-        cycle = self.cycle
-        if self.state is State.CLOSED:
-            return
-        if cycle is not None and not cycle.leg.response_started:
-            self._local_reply(cycle, 503, "shutting_down", close=True)
-        elif self.state is State.TUNNEL:
+        if self.exchange.state is State.TUNNEL:
             self.close_websocket()
         else:
-            self._close(abort=True)
+            self.exchange.abandon()
 
 
 # -------------------------------------------------------------------- worker entry point
@@ -1516,4 +843,5 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     for sock in sockets.values():
         sock.close()
     worker.leg_class = leg_class_for(snapshot.http_parser)
+    worker.default_hosts = snapshot.default_hosts
     worker.snapshot = snapshot

@@ -1,22 +1,23 @@
-"""The fuzz target: the bytes of one client connection, driven through the client leg as a worker
-drives them, with the invariants that must hold whatever the bytes are.
+"""The fuzz target: the bytes of one client connection, played into the worker's own
+``exchange.Exchange``, with the invariants that must hold whatever the bytes are.
 
-``one_input(data)`` plays ``data`` into a model of ``worker.ClientProtocol`` once per listener
-of the built-in Cobrowse preset (``sdk``: deny fallback; ``agent``: rewrite to ``/index.html``).
-The model calls the same pure functions in the same order as the worker — ``HeadScanner.feed``
-and ``maybe_take_head``, a fresh ``ServerLeg`` per request, ``inspect_request``, the refused
-methods, ``PrefixTable.decide``, the absolute-form Host check, the WebSocket checks, the body
-limit, ``upstream_headers`` and the ``UpstreamLeg`` that writes the request upstream — and
-catches ``RequestRefused`` only where the worker does. Any other exception is one that the
-worker would let escape from a transport callback: a bug.
+``one_input(data)`` plays ``data`` into one ``Exchange`` per listener of the built-in Cobrowse
+preset (``sdk``: deny fallback; ``agent``: rewrite to ``/index.html``), through the in-process
+harness of ``tests/support/exchange.py``: the exchange's effects are recorded, and every request
+it forwards is answered by a fake upstream with a canned 200 on the next loop pass, so whole
+cycles, keep-alive and pipelining run as in a worker. It is the class ``ClientProtocol`` adapts,
+not a model of it: ``HeadScanner``, a fresh ``ServerLeg`` per request, ``exchange.admit``, the
+request pump, the ``UpstreamLeg`` that writes upstream and reads the answer, the client leg's
+response writer, ``_read_next``. ``RequestRefused`` is caught only where the exchange catches
+it; any other exception is one that would escape from a transport callback: a bug.
 
 Invariants (an ``AssertionError`` names the one broken):
 
 - The scanner never holds more than ``max_head_bytes`` while waiting for the end of a head, and
   never hands over a head, a target or a header count over the limits; a first head over the
   size limit is refused with 414 or 431 (400 when it also has a bare CR or LF), never accepted.
-- A head the scanner accepts is parsed by h11 into a request or refused: the worker asserts as
-  much before it starts a cycle.
+- A head the scanner accepts is parsed by h11 into a request or refused: the exchange asserts
+  as much before it starts a cycle.
 - An accepted target is canonical: its path is its own ``canonicalize`` image, made only of
   clean bytes (no dot segment, no ``//``, escapes upper-case and never of an unreserved, a
   separator, a control or a non-ASCII byte), its query is the client's, byte for byte; the rule
@@ -25,6 +26,8 @@ Invariants (an ``AssertionError`` names the one broken):
 - What is written upstream parses back (h11, as a strict backend) as exactly one request, with
   the decided target, the client's body, one Host, and no hop-by-hop or override header that
   should have been removed: nothing is smuggled in or behind it.
+- Once the loop has settled, reading from the client is paused only on a closed connection, and
+  nothing is written to the client after its close.
 """
 
 from __future__ import annotations
@@ -35,25 +38,25 @@ from dataclasses import dataclass, field
 import h11
 
 from fastproxy.config import Limits, ListenerConfig, load_config
-from fastproxy.exchange import admit
+from fastproxy.exchange import Cycle, State, UpstreamConn
 from fastproxy.headers import (
     FORWARDING_HEADERS,
     RequestInfo,
-    RequestRefused,
     fold,
     is_provenance,
     valid_method,
 )
-from fastproxy.http1 import Ev, HeadScanner, RequestHead, ServerLeg, UpstreamLeg
 from fastproxy.policy import Action, Decision, PrefixTable, Rule, canonicalize
 from fastproxy.runtime import ListenerPlan, Snapshot
 
+from .harness import FakeUpstream, Harness, RecordingLeg
+
 __all__ = [
     "LISTENERS",
-    "Exchange",
+    "FuzzConnection",
     "Listener",
+    "Outcome",
     "Transcript",
-    "admit",
     "check_decision",
     "drive",
     "one_input",
@@ -62,7 +65,7 @@ __all__ = [
 CLIENT_IP = b"127.0.0.1"
 #: statuses fastproxy itself may answer on the client leg before any upstream is involved
 LOCAL_STATUSES = frozenset({204, 400, 403, 405, 413, 414, 431})
-#: what the model answers for every forwarded request (the upstream's response is out of scope)
+#: what the fake upstream answers for every forwarded request
 UPSTREAM_STATUS = 200
 
 _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
@@ -109,13 +112,15 @@ _PRESET = load_config(None)
 SDK = Listener.from_config(_PRESET.listeners["sdk"])
 AGENT = Listener.from_config(_PRESET.listeners["agent"])
 LISTENERS: tuple[Listener, ...] = (SDK, AGENT)
+_SNAPSHOT = Snapshot.build(_PRESET, 1)
 #: the Host the worker sends for an HTTP/1.0 request without one
-DEFAULT_HOSTS = Snapshot.build(_PRESET, 1).default_hosts
+DEFAULT_HOSTS = _SNAPSHOT.default_hosts
+UPSTREAMS = _SNAPSHOT.upstreams
 
 
 @dataclass(frozen=True, slots=True)
-class Exchange:
-    """One request as the client leg ended it: answered locally, or forwarded upstream."""
+class Outcome:
+    """One request as the exchange ended it: answered locally, or forwarded and answered."""
 
     status: int
     code: str
@@ -131,229 +136,111 @@ class Exchange:
 class Transcript:
     """Everything one connection did, in order; ``state`` is where it stopped."""
 
-    exchanges: list[Exchange] = field(default_factory=list)
+    exchanges: list[Outcome] = field(default_factory=list)
     #: "closed", "head" (waiting for more of a head; ``buffered`` bytes held) or "body"
     state: str = "head"
     buffered: int = 0
 
 
-@dataclass(slots=True)
-class _Forward:
-    """A request being forwarded: its client leg, what was decided, what went upstream."""
-
-    leg: ServerLeg
-    head: RequestHead
-    decision: Decision
-    websocket: bool
-    upstream: UpstreamLeg
-    wire: list[bytes]
-    body: bytearray = field(default_factory=bytearray)
-
-
-class ClientModel:
-    """The client leg of ``worker.ClientProtocol``, minus sockets, timers and the upstream."""
+class FuzzConnection(Harness):
+    """One client connection of ``listener``: the real ``Exchange``, its invariants checked at
+    each effect, its outcomes kept in ``transcript``."""
 
     def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-        limits = listener.limits
-        self.scanner = HeadScanner(limits.max_head_bytes, limits.max_headers, limits.max_uri_bytes)
-        self.forward: _Forward | None = None
+        super().__init__(
+            listener.plan, upstreams=UPSTREAMS, default_hosts=DEFAULT_HOSTS, peer=CLIENT_IP
+        )
+        self.fuzz_listener = listener
         self.transcript = Transcript()
-        self.closed = False
-        #: what ``inspect_request`` found in the request in progress
-        self.info: RequestInfo | None = None
-        self._request_ids = 0
 
-    # -- transport callbacks
-
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if self.forward is not None:
-            self.forward.leg.feed(data)
-            self._pump_request()
-        else:
-            self.scanner.feed(data)
-        self._process()
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        exchange = self.exchange
+        held = len(exchange.scanner)
+        if exchange.state is State.HEAD:
+            assert held <= self.fuzz_listener.limits.max_head_bytes, (
+                f"the scanner holds {held} bytes of an unfinished head"
+            )
+        assert exchange.state is State.CLOSED or self.reading, "reading paused on a settled loop"
 
     def finish(self) -> Transcript:
         """The client stops sending (the worker would wait for a timeout or the EOF)."""
         transcript = self.transcript
-        if self.closed:
+        exchange = self.exchange
+        if exchange.state is State.CLOSED:
             transcript.state = "closed"
-        elif self.forward is not None:
+        elif exchange.cycle is not None:
             transcript.state = "body"
         else:
             transcript.state = "head"
-            transcript.buffered = len(self.scanner)
+            transcript.buffered = len(exchange.scanner)
         return transcript
 
-    # -- request cycle (worker._process and worker._start)
+    # -- effects, checked
 
-    def _process(self) -> None:
-        limits = self.listener.limits
-        while not self.closed and self.forward is None:
-            try:
-                taken = self.scanner.maybe_take_head()
-            except RequestRefused as refused:
-                self._reply_raw(refused.status, refused.code)
-                return
-            if taken is None:
-                assert len(self.scanner) <= limits.max_head_bytes, (
-                    f"the scanner holds {len(self.scanner)} bytes of an unfinished head"
-                )
-                return
-            head_bytes, rest = taken
-            assert len(head_bytes) <= limits.max_head_bytes, (
-                f"accepted a head of {len(head_bytes)} bytes"
-            )
-            leg = ServerLeg(limits.max_head_bytes)
-            try:
-                leg.feed_head(head_bytes)
-                if rest:
-                    leg.feed(rest)
-                event = leg.next_event()
-            except RequestRefused as refused:
-                self._reply_raw(refused.status, refused.code)
-                return
-            # worker._process asserts this before it starts a cycle
-            assert isinstance(event, RequestHead), f"a checked head parsed as {event!r}"
-            assert len(event.target) <= limits.max_uri_bytes, (
-                f"accepted a target of {len(event.target)} bytes"
-            )
-            assert len(event.headers) <= limits.max_headers, (
-                f"accepted {len(event.headers)} header fields"
-            )
-            self._start(leg, event, head_bytes)
-
-    def _start(self, leg: ServerLeg, head: RequestHead, raw_head: bytes) -> None:
-        """``worker._start``: the very ``exchange.admit`` the worker runs, then its checks."""
-        listener = self.listener
-        self._request_ids += 1
-        admission = admit(
-            head,
-            listener.plan,
-            trusted=False,
-            peer=CLIENT_IP,
-            new_request_id=lambda: b"fuzz-%d" % self._request_ids,
-            default_hosts=DEFAULT_HOSTS,
-        )
-        info = self.info = admission.info
-        decision = admission.decision
-        rule = decision.rule if decision is not None and decision.refusal is None else None
-        if decision is not None:
-            if decision.refusal is not None:
-                check_refusal(listener.table, decision)
-            else:
-                check_decision(listener.table, head.target, decision)
-        if admission.status:
-            self._reply(
-                leg, head, admission.status, admission.code, close=admission.close, rule=rule
-            )
-            return
-        assert info is not None and decision is not None and rule is not None
-        # invariants of a forward, checked here against the request as the client sent it
+    def open_upstream(self, upstream: str, fresh: bool) -> UpstreamConn | None:
+        """A forward: its invariants, on the request as the client sent it."""
+        cycle = self.exchange.cycle
+        assert cycle is not None and cycle.sent_head is not None
+        listener = self.fuzz_listener
+        head, info, decision = cycle.head, cycle.info, cycle.decision
+        assert info is not None and decision is not None and decision.refusal is None
+        rule = decision.rule
         assert valid_method(head.method), head.method
         assert head.method not in listener.refused_methods, head.method
         assert not (info.has_body and head.method in (b"GET", b"HEAD")), head.method
         assert info.host is not None or head.http_version == b"1.0"
         assert rule.action is not Action.DENY  # the preset listeners enforce
         assert rule.action is not Action.REWRITE or head.method in (b"GET", b"HEAD")
-        headers = admission.headers
-        websocket = admission.websocket
-        check_upstream_headers(headers, info, websocket=websocket, listener=listener)
-        check_raw_framing(raw_head)
-        upstream = UpstreamLeg()
-        wire = [upstream.request(head.method, decision.target, headers)]
-        self.forward = _Forward(leg, head, decision, websocket, upstream, wire)
-        self._pump_request()
+        method, target, headers = cycle.sent_head
+        assert (method, target) == (head.method, decision.target)
+        check_upstream_headers(headers, info, websocket=cycle.websocket, listener=listener)
+        leg = cycle.leg
+        assert isinstance(leg, RecordingLeg)
+        check_raw_framing(leg.raw_head)
+        return super().open_upstream(upstream, fresh)
 
-    # -- worker._pump_request, and the end of a forwarded cycle
+    def request_sent(self, conn: FakeUpstream) -> None:
+        cycle = conn.cycle
+        assert cycle is not None and cycle.decision is not None
+        check_upstream_request(
+            b"".join(conn.wire), cycle.head.method, cycle.decision, b"".join(conn.body_events)
+        )
+        super().request_sent(conn)
 
-    def _pump_request(self) -> None:
-        forward = self.forward
-        assert forward is not None
-        rule = forward.decision.rule
-        while True:
-            try:
-                event = forward.leg.next_event()
-            except RequestRefused as refused:
-                self.forward = None
-                self._reply(
-                    forward.leg, forward.head, refused.status, refused.code, close=True, rule=rule
-                )
-                return
-            if type(event) is bytes:
-                forward.body += event
-                if len(forward.body) > rule.max_body_bytes:
-                    self.forward = None
-                    self._reply(
-                        forward.leg, forward.head, 413, "body_too_large", close=True, rule=rule
-                    )
-                    return
-                forward.wire.extend(forward.upstream.body(event))
-            elif event is Ev.END:
-                forward.wire.append(forward.upstream.end())
-                self._forwarded(forward)
-                return
-            else:
-                return  # NEED_DATA (PAUSED comes only after END)
-
-    def _forwarded(self, forward: _Forward) -> None:
-        self.forward = None
-        wire = b"".join(forward.wire)
-        check_upstream_request(wire, forward.head.method, forward.decision, bytes(forward.body))
+    def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
+        super().finished(cycle, status, code)
+        upstream = self.records[-1].upstream
+        if upstream is None:
+            assert status in LOCAL_STATUSES, (status, code)
+        else:
+            assert status == UPSTREAM_STATUS and not code, (status, code)
+        rule = ""
+        if cycle is not None:
+            limits = self.fuzz_listener.limits
+            head = cycle.head
+            assert len(head.target) <= limits.max_uri_bytes, (
+                f"accepted a target of {len(head.target)} bytes"
+            )
+            assert len(head.headers) <= limits.max_headers, (
+                f"accepted {len(head.headers)} header fields"
+            )
+            decision = cycle.decision
+            if decision is not None:
+                if decision.refusal is not None:
+                    check_refusal(self.fuzz_listener.table, decision)
+                else:
+                    check_decision(self.fuzz_listener.table, head.target, decision)
+                    rule = decision.rule.name
         self.transcript.exchanges.append(
-            Exchange(
-                UPSTREAM_STATUS,
-                "",
-                forward.decision.rule.name,
-                forward.wire[0],
-                bytes(forward.body),
+            Outcome(
+                status,
+                code,
+                rule,
+                upstream.wire[0] if upstream is not None else b"",
+                b"".join(upstream.body_events) if upstream is not None else b"",
             )
         )
-        # the upstream's answer, relayed through the client leg (worker._pump_response)
-        leg = forward.leg
-        leg.response_head(UPSTREAM_STATUS, [(b"Content-Length", b"0")])
-        leg.end()
-        if not leg.keep_alive:
-            self.closed = True
-            return
-        self.scanner.feed(leg.trailing)  # worker._read_next
-
-    # -- local answers (worker._local_reply and _local_reply_raw)
-
-    def _reply(
-        self,
-        leg: ServerLeg,
-        head: RequestHead,
-        status: int,
-        code: str,
-        *,
-        close: bool,
-        rule: Rule | None = None,
-    ) -> None:
-        assert status in LOCAL_STATUSES, (status, code)
-        info = self.info
-        if head.http_version != b"1.1" or info is None or b"close" in info.connection:
-            close = True
-        if not close:
-            try:
-                event = leg.next_event()
-            except RequestRefused:
-                close = True
-            else:
-                close = event is not Ev.END and event is not Ev.PAUSED
-        self.transcript.exchanges.append(Exchange(status, code, rule=rule.name if rule else ""))
-        if close:
-            self.closed = True
-            return
-        self.scanner.feed(leg.trailing)
-
-    def _reply_raw(self, status: int, code: str) -> None:
-        assert status in LOCAL_STATUSES, (status, code)
-        self.transcript.exchanges.append(Exchange(status, code))
-        self.closed = True
 
 
 # -- invariants ------------------------------------------------------------------------------
@@ -532,15 +419,20 @@ def check_oversize(data: bytes, transcript: Transcript, limits: Limits) -> None:
 
 def drive(data: bytes, listener: Listener, cuts: Iterable[int] = ()) -> Transcript:
     """Play ``data`` into one connection of ``listener``, split at the offsets ``cuts``."""
-    model = ClientModel(listener)
+    connection = FuzzConnection(listener)
     start = 0
+    pieces: list[bytes] = []
     for cut in sorted(set(cuts)):
         if 0 < cut < len(data):
-            model.data_received(data[start:cut])
+            pieces.append(data[start:cut])
             start = cut
     if start < len(data):
-        model.data_received(data[start:])
-    return model.finish()
+        pieces.append(data[start:])
+    for piece in pieces:
+        if connection.exchange.state is State.CLOSED:
+            break  # the transport delivers nothing more
+        connection.send(piece)
+    return connection.finish()
 
 
 def one_input(data: bytes) -> None:

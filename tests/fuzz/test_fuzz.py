@@ -1,7 +1,7 @@
 """Fuzzing the client leg in CI, briefly and deterministically (README.md beside this file has
 the long runs).
 
-``targets.one_input`` plays a byte stream into a model of a worker's client connection on both
+``targets.one_input`` plays a byte stream into the worker's own ``exchange.Exchange`` on both
 preset listeners and checks its invariants; here hypothesis feeds it the seed corpus, structured
 streams from ``grammar`` (whole, and in pieces compared with whole), random bytes, and heads
 right around each size limit. The properties of the preset's prefix tables come first: they are
@@ -161,10 +161,11 @@ def test_the_long_run_driver_finds_nothing_on_a_short_run() -> None:
     assert not report.failures, list(report.failures.values())
 
 
-def test_model_admits_with_the_worker_code() -> None:
-    # the model's admission is exchange.admit itself, as the worker's is: nothing to drift
-    assert targets.admit is exchange.admit
-    assert vars(worker)["admit"] is exchange.admit
+def test_the_target_drives_the_worker_exchange() -> None:
+    # the fuzzer plays its bytes into the class the worker's ClientProtocol adapts, not into a
+    # model of it: nothing to drift
+    assert type(targets.FuzzConnection(SDK).exchange) is exchange.Exchange
+    assert vars(worker)["Exchange"] is exchange.Exchange
 
 
 # -- findings -----------------------------------------------------------------------------------

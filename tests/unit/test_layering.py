@@ -25,7 +25,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "upstream": ({"errors", "config", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
-    "exchange": ({"headers", "http1", "policy", "runtime"}, set()),
+    "exchange": ({"config", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
@@ -123,3 +123,14 @@ def test_layering_imports_point_down(module: str) -> None:
             assert top in outer, f"{module} imports {top}"
         if module in PURE:
             assert top not in IMPURE_STDLIB, f"pure module {module} imports {top}"
+
+
+#: what only the adapter may touch: the exchange acts through ExchangeIO and UpstreamConn
+_IO_NAMES = {"transport", "loop", "metrics", "logger", "deadlines", "monotonic", "pool", "pools"}
+
+
+def test_layering_exchange_names_no_transport_loop_clock_or_metrics() -> None:
+    tree = ast.parse((PACKAGE / "exchange.py").read_text())
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not names & _IO_NAMES, sorted(names & _IO_NAMES)
