@@ -239,3 +239,26 @@ def test_reload_under_load_drops_nothing(
         assert answered[0] > 0
         assert sorted(proxy.worker_pids()) == pids
         assert second.requests(), "the added server took requests"
+
+
+def test_reload_signals_in_a_row_end_on_the_newest_file(factory: ProxyFactory) -> None:
+    """A SIGHUP that arrives while the workers still apply the previous one is applied after
+    it, from the file as it is then: the last file written wins, however the signals fall (two
+    signals close together may also arrive as one)."""
+    proxy = _start(factory)
+    first = merge(proxy.document, {"policies": {"sdk-plus": EXTRA_RULE}})
+    last = merge(first, {"policies": {"sdk-plus": {"rules": {"extra": {"action": "deny"}}}}})
+    proxy.reload(first)
+    proxy.reload(last)
+    deadline = time.monotonic() + 30
+    while True:
+        routes = get(proxy.admin_port, "/routes").json()
+        rules = {rule["name"]: rule["action"] for rule in routes["listeners"]["sdk"]["rules"]}
+        if rules.get("extra") == "deny":
+            break
+        assert time.monotonic() < deadline, routes
+        time.sleep(0.05)
+    proxy.wait_for_message(f"generation {routes['generation']} applied by every worker")
+    assert routes["generation"] in (2, 3)
+    assert get(proxy.sdk_port, "/extra").status == 403  # the rule of the last file
+    assert not any("reload failed" in m for m in proxy.messages())

@@ -200,7 +200,11 @@ class RunningProxy:
             self.document = merge(document, {})
             text = to_toml(document)
         assert text is not None
-        self.config_path.write_text(text)
+        # written aside and renamed, as configuration management does: a reload never reads
+        # a half-written file
+        staged = self.config_path.with_suffix(".staged")
+        staged.write_text(text)
+        os.replace(staged, self.config_path)
         self.config_text = text
         self.process.send_signal(signal.SIGHUP)
 
