@@ -1080,11 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings(**{**s.__dict__, "hold": args.hold})
     only = set(args.only.split(",")) if args.only else None
 
-    cores = sorted(os.sched_getaffinity(0))
-    load_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
-    if load_core is not None:
-        procs.pin_self({load_core})
-    limit = procs.raise_nofile(65536)
+    load_core, proxy_core, limit, all_cores = procs.place_runner()
     log(f"open-files limit {limit}; load core {load_core}, proxy core {proxy_core}")
 
     started_at = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -1093,7 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastproxy-bench-") as tmpdir:
         tmp = Path(tmpdir)
         bench = Bench(s, tmp, proxy_core, load_core)
-        bench.all_cores = set(cores)
+        bench.all_cores = all_cores
         bench.nofile = limit
         bench.results.access_log_switch = "--access-log" in help_text
         try:

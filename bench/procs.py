@@ -193,3 +193,14 @@ def first_line(argv: Sequence[str]) -> str:
         if line.strip():
             return line.strip()
     return "unknown"
+
+
+def place_runner(nofile: int = 65536) -> tuple[int | None, int | None, int, set[int]]:
+    """Pin this runner to the first core it may use (the load core) and raise its open-files
+    limit; return ``(load_core, proxy_core, limit, every core it could use)`` (no cores named
+    on a single-core machine)."""
+    cores = sorted(os.sched_getaffinity(0))
+    load_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
+    if load_core is not None:
+        pin_self({load_core})
+    return load_core, proxy_core, raise_nofile(nofile), set(cores)

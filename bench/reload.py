@@ -712,11 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         bound=args.bound,
     )
 
-    cores = sorted(os.sched_getaffinity(0))
-    load_core, proxy_core = (cores[0], cores[1]) if len(cores) >= 2 else (None, None)
-    if load_core is not None:
-        procs.pin_self({load_core})
-    limit = procs.raise_nofile(65536)
+    load_core, proxy_core, limit, _cores = procs.place_runner()
     log(f"open-files limit {limit}; load core {load_core}, proxy core {proxy_core}")
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.monotonic()
