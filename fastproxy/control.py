@@ -69,7 +69,11 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 def encode_reload(reload: Reload) -> bytes:
-    """The message body of ``reload``; ``ControlError`` when it is too large to send."""
+    """The message body of ``reload``; ``ControlError`` when it cannot be sent."""
+    if len(reload.sockets) > MAX_FDS:
+        raise ControlError(
+            f"a reload adds {len(reload.sockets)} listeners; at most {MAX_FDS} at once"
+        )
     return _encode(
         {
             "op": "reload",

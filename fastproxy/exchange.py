@@ -575,12 +575,16 @@ class Exchange:
     def client_lost(self) -> None:
         """The client connection is gone."""
         self._cancel_timer()
+        connecting = self.state is State.UPSTREAM
         self.state = State.CLOSED
         cycle = self.cycle
         if cycle is not None and cycle.upstream is not None:
             self._drop_upstream(cycle)
             if not cycle.response_done:
                 self.io.finished(cycle, 499 if not cycle.status else cycle.status, "")
+        elif cycle is not None and connecting:
+            # every cycle is reported once, one still waiting for its upstream connection too
+            self.io.finished(cycle, 499, "")
 
     def client_blocked(self, now: float) -> None:
         """The client stopped reading (its write buffer is full)."""

@@ -263,8 +263,11 @@ class Master:
             self._watchdog_s = systemd.watchdog_interval_s()
             self._install_signals()
             self._manage_workers()
+            timeout = SELECT_TIMEOUT_S
+            if self._watchdog_s is not None:
+                timeout = min(timeout, self._watchdog_s / 4)  # fed at half, woken at a quarter
             while True:
-                self._wait_for_events(SELECT_TIMEOUT_S)
+                self._wait_for_events(timeout)
                 self._dispatch_signals()
                 if self._exit_code is not None:
                     return self._exit_code
@@ -288,6 +291,8 @@ class Master:
         """Close the listeners, stop the workers and wait; what outlives the wait gets SIGKILL."""
         systemd.notify_stopping()
         self._stopping = True
+        self._reload_pending.clear()  # draining workers acknowledge nothing more
+        self._hup_again = False
         self._close_sockets()
         if graceful:
             # the workers end their own drain at graceful_timeout_s, answering what is left;
@@ -386,6 +391,8 @@ class Master:
 
     def handle_hup(self) -> None:
         """SIGHUP: read the configuration again and apply it in the live workers."""
+        if self._stopping:
+            return
         if self._reload_pending:
             # the newest file wins, once the workers have what they are applying now
             logger.info("SIGHUP during a reload: the file is read again once this one is applied")
@@ -433,7 +440,7 @@ class Master:
                 sock.close()
             logger.warning("reload failed, still serving generation %d: %s", current, err)
             self._count_reload(ok=False)
-            systemd.notify_ready(f"{self._status()}; the last reload failed: {err}")
+            self._notify_ready_or_status(f"{self._status()}; the last reload failed: {err}")
             return
         for name in changes.close:
             if name in self._sockets:
@@ -454,10 +461,16 @@ class Master:
                 continue
             try:
                 control.send_reload(worker.channel, message)
-            except OSError as err:  # the worker is exiting; its reap says why
+            except OSError as err:
+                # a worker left on an older generation would serve it silently: replace it
+                # (its slot is refilled by a fork of this master, born with the new generation)
                 logger.warning(
-                    "worker %d did not take generation %d: %s", worker.pid, generation, err
+                    "worker %d did not take generation %d: %s; replacing it",
+                    worker.pid,
+                    generation,
+                    err,
                 )
+                self._replace(worker)
                 continue
             self._reload_pending.add(worker.pid)
         logger.info(
@@ -489,21 +502,35 @@ class Master:
             return  # an older generation's answer
         if ack.error is not None:
             logger.error(
-                "worker %d could not apply generation %d: %s", worker.pid, ack.generation, ack.error
+                "worker %d could not apply generation %d: %s; replacing it",
+                worker.pid,
+                ack.generation,
+                ack.error,
             )
             self._reload_errors.append(ack.error)
+            self._replace(worker)
         self._reload_pending.discard(worker.pid)
         if not self._reload_pending:
             self._reload_applied()
 
+    def _replace(self, worker: Worker) -> None:
+        """Drain ``worker`` away; its slot is refilled at once with the current generation."""
+        if not worker.retiring:
+            worker.retiring = True
+            self._kill(worker, signal.SIGTERM)
+
     def _reload_applied(self) -> None:
+        if self._stopping:
+            return
         generation = self._snapshot.generation
         ok = not self._reload_errors
         if ok:
             logger.info("generation %d applied by every worker", generation)
         self._count_reload(ok=ok)
         status = self._status()
-        systemd.notify_ready(status if ok else f"{status}; some workers failed to apply it")
+        if not ok:
+            status += "; workers that failed to apply it were replaced"
+        self._notify_ready_or_status(status)
         if self._hup_again:
             self._hup_again = False
             self._reload()
@@ -644,6 +671,13 @@ class Master:
     def _notify_ready(self) -> None:
         """Every worker is accepting: systemd ``READY=1``."""
         systemd.notify_ready(self._status())
+
+    def _notify_ready_or_status(self, status: str) -> None:
+        """``READY=1`` ends a reload; during start-up it waits for every worker to accept."""
+        if self._all_ready_announced:
+            systemd.notify_ready(status)
+        else:
+            systemd.notify_status(status)
 
     def _status(self) -> str:
         """What the master does, for systemd's ``STATUS=`` (``systemctl status``)."""

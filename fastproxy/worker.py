@@ -45,7 +45,7 @@ import orjson
 from fastproxy import admin, control, log
 from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
-from fastproxy.errors import ConfigError, FastproxyError
+from fastproxy.errors import ConfigError
 from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict
 from fastproxy.http1 import ClientLeg, ServerLeg
 from fastproxy.metrics import WorkerMetrics
@@ -693,7 +693,12 @@ async def _serve(
                 message = control.receive(channel)
             except BlockingIOError:
                 return
-            except (OSError, control.ControlError) as err:
+            except control.ControlError as err:
+                # one bad message (the master's bug): skipped; the master replaces a worker
+                # that does not acknowledge a generation
+                logger.error("control message refused: %s", err)
+                continue
+            except OSError as err:
                 logger.error("control channel failed: %s", err)
                 message = None
             if message is None:  # the master is gone; PR_SET_PDEATHSIG sends SIGTERM
@@ -773,6 +778,12 @@ async def _drain(worker: WorkerState, heartbeat_fd: int) -> None:
                 conn._close(abort=True)
 
 
+def _close_all(sockets: dict[str, socket.socket]) -> None:
+    for sock in sockets.values():
+        sock.close()
+    sockets.clear()
+
+
 async def _start_listener(worker: WorkerState, listener: Listener, sock: socket.socket) -> None:
     def factory() -> ClientProtocol:
         return ClientProtocol(worker, listener)
@@ -785,9 +796,11 @@ async def _reload(worker: WorkerState, message: control.Reload, channel: socket.
     error = None
     try:
         await apply_reload(worker, message)
-    except (FastproxyError, OSError, ValueError) as err:
-        error = str(err)
-        logger.error("generation %d not applied: %s", message.generation, err)
+    except Exception as err:
+        # Whatever went wrong, the master must hear of it: a generation never acknowledged
+        # would hold every later reload back. It answers an error by replacing this worker.
+        error = f"{type(err).__name__}: {err}"
+        logger.exception("generation %d not applied", message.generation)
     else:
         logger.info("worker %d applied generation %d", os.getpid(), message.generation)
     try:
@@ -810,38 +823,55 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
         config = parse_config(tomllib.loads(message.config), message.source)
         snapshot = Snapshot.build(config, message.generation)
     except tomllib.TOMLDecodeError as err:
-        for sock in sockets.values():
-            sock.close()
+        _close_all(sockets)
         raise ConfigError(f"the configuration sent is not TOML: {err}", where="") from err
     except ConfigError:
-        for sock in sockets.values():
-            sock.close()
+        _close_all(sockets)
         raise
     changes = diff(worker.snapshot, snapshot)
+    # Everything that can fail comes first, before anything changes: a reload is applied
+    # whole or not at all, and no socket it brought is left open.
+    added = [name for name in snapshot.listeners if name not in worker.listeners]
+    missing = [name for name in added if name not in sockets]
+    if missing:
+        _close_all(sockets)
+        raise ConfigError(f"no socket was sent for listeners {', '.join(missing)}", where="")
+    servers: dict[str, Listener] = {}
+    try:
+        for name in added:
+            listener = Listener(snapshot.listeners[name], worker.metrics)
+            await _start_listener(worker, listener, sockets.pop(name))
+            servers[name] = listener
+    except OSError:
+        for listener in servers.values():
+            if listener.server is not None:
+                listener.server.close()
+        _close_all(sockets)
+        raise
+    _close_all(sockets)
+    # From here on nothing fails.
     for name in changes.retire:
-        worker.pools.pop(name).retire()
+        pool = worker.pools.pop(name, None)
+        if pool is not None:
+            pool.retire()
     for name, spec in snapshot.upstreams.items():
         if name not in worker.pools:
             worker.pools[name] = UpstreamPool(spec, worker.loop)
     for name in changes.close:
-        listener = worker.listeners.pop(name)
-        listener.retired = True
-        worker.retired_listeners.append(listener)
-        if listener.server is not None:
-            listener.server.close()
-        for conn in list(listener.connections):
+        closing = worker.listeners.pop(name, None)
+        if closing is None:
+            continue
+        closing.retired = True
+        worker.retired_listeners.append(closing)
+        if closing.server is not None:
+            closing.server.close()
+        for conn in list(closing.connections):
             conn.go_idle_away()
     for name, plan in snapshot.listeners.items():
         current = worker.listeners.get(name)
         if current is not None:
             current.plan = plan
-            continue
-        if name not in sockets:
-            raise ConfigError(f"no socket was sent for listener {name}", where="")
-        added = worker.listeners[name] = Listener(plan, worker.metrics)
-        await _start_listener(worker, added, sockets.pop(name))
-    for sock in sockets.values():
-        sock.close()
+    worker.listeners.update(servers)
     worker.leg_class = leg_class_for(snapshot.http_parser)
     worker.default_hosts = snapshot.default_hosts
     worker.snapshot = snapshot

@@ -104,3 +104,13 @@ def test_control_refuses_an_oversize_message() -> None:
     finally:
         master.close()
         worker.close()
+
+
+def test_control_refuses_more_sockets_than_one_message_carries() -> None:
+    sockets = {f"l{i}": socket.socket() for i in range(control.MAX_FDS + 1)}
+    try:
+        with pytest.raises(ControlError, match=f"at most {control.MAX_FDS} at once"):
+            control.encode_reload(Reload(2, "s", "", sockets))
+    finally:
+        for sock in sockets.values():
+            sock.close()
