@@ -8,7 +8,6 @@ Counts, not timings; every wait has a generous bound. The parser cannot matter h
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from support.client import (
     get,
     host_of,
 )
-from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy
+from support.proxy import REPO_ROOT, ProxyFactory, RunningProxy, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -132,12 +131,12 @@ def test_ctrl_c_during_start_up_stops_cleanly(tmp_path: Path) -> None:
     in place yet), and a moment later: a clean stop either way, exit 0, no traceback. (Before
     the interpreter has started, a signal ends any Python program; no test can aim there.)"""
     for delay in (0.0, 0.05, 0.2):
-        port = _free_port()
+        port = free_port()
         config = tmp_path / f"c{port}.toml"
         config.write_text(
             f'[upstreams.u]\nservers = ["127.0.0.1:9"]\n[listeners.sdk]\n'
             f'bind = "127.0.0.1:{port}"\npolicy = "cobrowse-sdk"\n[admin]\n'
-            f'bind = "127.0.0.1:{_free_port()}"\n'
+            f'bind = "127.0.0.1:{free_port()}"\n'
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "fastproxy", "run", "-c", str(config)],
@@ -153,10 +152,3 @@ def test_ctrl_c_during_start_up_stops_cleanly(tmp_path: Path) -> None:
         err = (first + rest).decode(errors="replace")
         assert "Traceback" not in err, (delay, err)
         assert process.returncode == 0, (delay, err)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

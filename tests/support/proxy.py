@@ -38,12 +38,22 @@ LISTENERS = ("sdk", "agent")
 TomlTable = Mapping[str, object]
 
 
+#: ports ``free_port`` has handed out in this process: the kernel may hand a port that was just
+#: bound and closed to the next caller again, and two listeners of one config would then clash
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on right now (bind to 0, read it, close), and one not
+    handed out before in this test process."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise AssertionError("no fresh loopback port after 1000 tries")
 
 
 # -- a small TOML writer: tomllib reads, the standard library has no writer ----------------------
