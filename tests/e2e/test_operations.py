@@ -198,15 +198,10 @@ class ScriptedUpstream(ThreadedOrigin):
         sock.settimeout(self.idle_close_s if self.mode == "idle-close" else WAIT_S)
         buffer, served = b"", 0
         while not self._stopping.is_set():
-            while b"\r\n\r\n" not in buffer:
-                try:
-                    data = sock.recv(65536)
-                except OSError:  # the idle timeout, or a shutdown by stop()
-                    return
-                if not data:
-                    return
-                buffer += data
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            taken = self.read_head(sock, buffer)  # None: the idle timeout, or stop()
+            if taken is None:
+                return
+            head, buffer = taken
             target = head.split(b" ", 2)[1]
             with self._lock:
                 self.records.append((index, target))

@@ -76,6 +76,21 @@ class ThreadedOrigin:
     def _serve(self, sock: socket.socket, index: int) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def read_head(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes] | None:
+        """The next request head and the bytes after it; None once the peer is gone (or a
+        timeout or ``stop()`` ended the read). Request bodies are not expected."""
+        while b"\r\n\r\n" not in buffer:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return None
+            if not data:
+                return None
+            buffer += data
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        return head, rest
+
 
 class RawUpstream(ThreadedOrigin):
     """A threaded origin answering each request head with exact bytes chosen by its target."""
@@ -89,15 +104,10 @@ class RawUpstream(ThreadedOrigin):
         buffer = b""
         with sock:
             while not self._stopping.is_set():
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                taken = self.read_head(sock, buffer)
+                if taken is None:
+                    return
+                head, buffer = taken
                 target = head.split(b" ", 2)[1]
                 with self._lock:
                     self.targets.append(target)
@@ -109,8 +119,8 @@ class RawUpstream(ThreadedOrigin):
                 else:
                     parts = answer(head)
                 try:
-                    for index, part in enumerate(parts):
-                        if index:
+                    for number, part in enumerate(parts):
+                        if number:
                             time.sleep(PART_GAP_S)
                         sock.sendall(part)
                 except OSError:
