@@ -424,6 +424,13 @@ def _explain_local(admission: Admission, method: bytes, matched: str) -> list[tu
             ("upstream", "none: OPTIONS * is never forwarded"),
             ("why", "OPTIONS * asks about the server itself, so fastproxy answers it"),
         ]
+    if code == "https_redirect":
+        location = admission.field.partition(b": ")[2]
+        return [
+            ("decision", f"redirect 308 to {_show(location)}"),
+            ("upstream", "none: the client is sent to https"),
+            ("why", f"{matched} redirects to https, method and body kept (308)"),
+        ]
     if code == "forbidden":
         return [
             ("decision", "deny 403"),

@@ -34,9 +34,10 @@ Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`
   supported yet. Two listeners (or a listener and admin) may not bind overlapping addresses
   (same port, same address or a wildcard of the same family).
 - ``[policies.NAME]``: ``extends`` (a preset policy or an own policy defined earlier in the file),
-  ``fallback`` (``"deny"`` | ``"forward"`` | a table ``{action, rewrite_to, upstream,
-  max_body_bytes}``; default: inherited, else ``"deny"``) and ``[policies.NAME.rules.RULE]``
-  tables (``prefix``, ``action``, ``rewrite_to``, ``upstream``, ``max_body_bytes``, ``allow``).
+  ``fallback`` (``"deny"`` | ``"forward"`` | ``"redirect_https"`` | a table ``{action,
+  rewrite_to, upstream, max_body_bytes, https_port}``; default: inherited, else ``"deny"``) and
+  ``[policies.NAME.rules.RULE]`` tables (``prefix``, ``action``, ``rewrite_to``, ``upstream``,
+  ``max_body_bytes``, ``allow``, ``https_port``).
   A rule named like an inherited one replaces it; two rules with the same prefix are an error.
   A policy named like a preset policy extends that preset: its rules are added to (or replace)
   the preset's, which is how a vendor's new route is added without renaming the policy.
@@ -443,7 +444,7 @@ def _get_bool(table: Table, key: str, where: str, default: bool) -> bool:
 
 _ACTIONS: Mapping[str, Action] = {a.value: a for a in Action}
 _FALLBACK_ACTIONS: Mapping[str, Action] = {
-    a.value: a for a in (Action.DENY, Action.FORWARD, Action.REWRITE)
+    a.value: a for a in (Action.DENY, Action.FORWARD, Action.REWRITE, Action.REDIRECT_HTTPS)
 }
 _MODES: Mapping[str, Mode] = {m.value: m for m in Mode}
 _BALANCES: Mapping[str, Balance] = {b.value: b for b in Balance}
@@ -581,8 +582,16 @@ def _rule_upstream(value: object, where: str, upstreams: Collection[str]) -> str
     return name
 
 
-_RULE_KEYS = ("prefix", "action", "rewrite_to", "upstream", "max_body_bytes", "allow")
-_FALLBACK_KEYS = ("action", "rewrite_to", "upstream", "max_body_bytes")
+_RULE_KEYS = (
+    "prefix",
+    "action",
+    "rewrite_to",
+    "upstream",
+    "max_body_bytes",
+    "allow",
+    "https_port",
+)
+_FALLBACK_KEYS = ("action", "rewrite_to", "upstream", "max_body_bytes", "https_port")
 _MAX_BODY_BYTES = Rule(name="", prefix=b"", action=Action.DENY).max_body_bytes
 
 
@@ -627,6 +636,16 @@ def _rule_common(
             'rewrite_to is only for action "rewrite"',
             table["rewrite_to"],
         )
+    https_port = 443
+    if "https_port" in table:
+        port_where = _join(where, "https_port")
+        if action is not Action.REDIRECT_HTTPS:
+            raise _bad(
+                port_where, 'https_port is only for action "redirect_https"', table["https_port"]
+            )
+        https_port = _int(table["https_port"], port_where, minimum=1)
+        if https_port > 65535:
+            raise _bad(port_where, "not a TCP port", https_port)
     upstream = None
     if "upstream" in table:
         upstream = _rule_upstream(table["upstream"], _join(where, "upstream"), upstreams)
@@ -639,6 +658,7 @@ def _rule_common(
         upstream=upstream,
         max_body_bytes=max_body,
         allow=allow,
+        https_port=https_port,
     )
 
 
@@ -667,7 +687,7 @@ def _fallback(value: object, where: str, upstreams: Collection[str]) -> Rule:
         action_where = _join(where, "action")
         action = _choice(table["action"], action_where, "fallback action", _FALLBACK_ACTIONS)
     else:
-        raise _bad(where, 'expected "deny", "forward" or a table', value)
+        raise _bad(where, 'expected "deny", "forward", "redirect_https" or a table', value)
     return _rule_common("fallback", table, where, action, b"", frozenset(), upstreams)
 
 
@@ -1334,6 +1354,8 @@ def _rule_items(rule: Rule, *, with_prefix: bool = True) -> dict[str, object]:
     items["action"] = rule.action.value
     if rule.rewrite_to is not None:
         items["rewrite_to"] = rule.rewrite_to.decode("ascii")
+    if rule.action is Action.REDIRECT_HTTPS:
+        items["https_port"] = rule.https_port
     if rule.upstream is not None:
         items["upstream"] = rule.upstream
     items["max_body_bytes"] = rule.max_body_bytes

@@ -79,8 +79,8 @@ from fastproxy.wsrelay import upgrade_accepted
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
 #: the methods a rewritten request (the SPA fallback) may carry
 REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
-#: the Allow header of a 405 on a rewrite rule (RFC 9110 15.5.6)
-REWRITE_ALLOW = b"GET, HEAD"
+#: the Allow field of a 405 on a rewrite rule (RFC 9110 15.5.6)
+REWRITE_ALLOW = b"Allow: GET, HEAD"
 
 
 class Verdict(enum.Enum):
@@ -100,6 +100,8 @@ class Verdict(enum.Enum):
     REJECT = "reject"
     #: answered by fastproxy, not an error (``OPTIONS *``)
     LOCAL = "local"
+    #: answered with a 308 to https (``redirect_https``)
+    REDIRECT = "redirect"
     #: forwarded, then failed (5xx from fastproxy)
     ERROR = "error"
 
@@ -111,10 +113,10 @@ class Admission:
     """The outcome of ``admit``: a local answer when ``status`` is set, else a forward."""
 
     __slots__ = (
-        "allow",
         "close",
         "code",
         "decision",
+        "field",
         "headers",
         "info",
         "request_id",
@@ -134,7 +136,7 @@ class Admission:
         status: int = 0,
         code: str = "",
         close: bool = False,
-        allow: bytes = b"",
+        field: bytes = b"",
     ) -> None:
         self.verdict = verdict
         self.request_id = request_id
@@ -147,8 +149,9 @@ class Admission:
         self.code = code
         #: the connection ends after the local answer
         self.close = close
-        #: the Allow header of a 405, if any
-        self.allow = allow
+        #: one more header field of the local answer (``Allow`` of a 405, ``Location`` of a
+        #: redirect), whole: ``b"Allow: GET, HEAD"``
+        self.field = field
         #: forward: the upstream's name, the header list to send, whether it is a handshake
         self.upstream = ""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -221,6 +224,8 @@ def admit(
         except RequestRefused as refused:
             return _refuse(request_id, info, decision, refused.status, refused.code, close=True)
         websocket = True
+    if action is Action.REDIRECT_HTTPS:
+        return _redirect_https(request_id, info, decision)
     if action is Action.DENY:
         if not plan.report:
             return _refuse(
@@ -238,7 +243,7 @@ def admit(
                 405,
                 "method_not_allowed",
                 close=True,
-                allow=REWRITE_ALLOW,
+                field=REWRITE_ALLOW,
             )
         verdict = Verdict.REWRITE
     else:
@@ -265,6 +270,32 @@ def admit(
     return admission
 
 
+def _redirect_https(request_id: bytes, info: RequestInfo, decision: Decision) -> Admission:
+    """308 to the same host (its port replaced by the rule's) and canonical target over https:
+    nginx's ``return 308 https://$host$request_uri``. The method and body are kept by a 308."""
+    host = decision.authority or info.host
+    if host is None:
+        # HTTP/1.0 without a Host: there is no name to send the client to
+        return _refuse(request_id, info, decision, 400, "bad_host", close=True)
+    # the name without the port; an IPv6 literal keeps its brackets
+    bracketed = host.startswith(b"[")
+    name = host[: host.index(b"]") + 1] if bracketed else host.partition(b":")[0]
+    port = decision.rule.https_port
+    location = b"Location: https://" + name
+    if port != 443:
+        location += b":%d" % port
+    return Admission(
+        Verdict.REDIRECT,
+        request_id,
+        info,
+        decision,
+        status=308,
+        code="https_redirect",
+        close=info.has_body,
+        field=location + decision.target,
+    )
+
+
 def _refuse(
     request_id: bytes,
     info: RequestInfo | None,
@@ -273,7 +304,7 @@ def _refuse(
     code: str,
     *,
     close: bool,
-    allow: bytes = b"",
+    field: bytes = b"",
     verdict: Verdict = Verdict.REJECT,
 ) -> Admission:
     return Admission(
@@ -284,7 +315,7 @@ def _refuse(
         status=status,
         code=code,
         close=close,
-        allow=allow,
+        field=field,
     )
 
 
@@ -810,7 +841,7 @@ class Exchange:
                 admission.status,
                 admission.code,
                 close=admission.close,
-                allow=admission.allow,
+                field=admission.field,
             )
             return
         assert decision is not None
@@ -1174,7 +1205,7 @@ class Exchange:
     # ---------------------------------------------------------------- local replies
 
     def _local_reply(
-        self, cycle: Cycle, status: int, code: str, *, close: bool, allow: bytes = b""
+        self, cycle: Cycle, status: int, code: str, *, close: bool, field: bytes = b""
     ) -> None:
         """Answer ``cycle`` ourselves with a small JSON body; never echoes client input."""
         if cycle.upstream is not None:
@@ -1204,7 +1235,7 @@ class Exchange:
             return
         head_only = cycle.head.method == b"HEAD"
         self._write_reply(
-            status, code, cycle.request_id, close=close, head_only=head_only, allow=allow
+            status, code, cycle.request_id, close=close, head_only=head_only, field=field
         )
         self.io.finished(cycle, status, code)
         self.cycle = None
@@ -1229,7 +1260,7 @@ class Exchange:
         *,
         close: bool,
         head_only: bool,
-        allow: bytes = b"",
+        field: bytes = b"",
     ) -> None:
         self.io.write_client(
             local_response(
@@ -1239,6 +1270,6 @@ class Exchange:
                 request_id=request_id,
                 close=close,
                 head_only=head_only,
-                allow=allow,
+                field=field,
             )
         )

@@ -305,6 +305,7 @@ REASONS = {
     200: b"OK",
     204: b"No Content",
     304: b"Not Modified",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     403: b"Forbidden",
     404: b"Not Found",
@@ -334,9 +335,10 @@ def local_response(
     request_id: bytes = b"",
     close: bool = False,
     head_only: bool = False,
-    allow: bytes = b"",
+    field: bytes = b"",
 ) -> bytes:
-    """A whole response fastproxy writes itself: fixed fields, never client input.
+    """A whole response fastproxy writes itself: fixed fields, never raw client input (a
+    redirect's ``Location`` is built from the checked Host and the canonical target).
 
     A 204 gets no field describing a body (RFC 9110 8.6); ``head_only`` leaves the body out
     (the answer to HEAD) but keeps its length.
@@ -348,8 +350,8 @@ def local_response(
         parts.append(b"Content-Length: %d" % len(body))
     if request_id:
         parts.append(b"X-Request-Id: " + request_id)
-    if allow:
-        parts.append(b"Allow: " + allow)
+    if field:
+        parts.append(field)
     if close:
         parts.append(b"Connection: close")
     parts.append(b"\r\n")

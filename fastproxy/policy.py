@@ -46,6 +46,9 @@ class Action(enum.Enum):
     REWRITE = "rewrite"
     #: answer 403 (or, in report mode, forward and count ``would_deny``)
     DENY = "deny"
+    #: answer 308 to the same host and target over https (a plain-HTTP listener in front of
+    #: a TLS one)
+    REDIRECT_HTTPS = "redirect_https"
 
 
 class Refusal(enum.Enum):
@@ -105,6 +108,8 @@ class Rule:
     max_body_bytes: int = 64 * 1024 * 1024
     #: refusals this rule opts out of, for its own prefix only
     allow: frozenset[Refusal] = field(default_factory=frozenset)
+    #: for ``REDIRECT_HTTPS``: the port of the Location (443 is left out of it)
+    https_port: int = 443
 
 
 class Decision(NamedTuple):

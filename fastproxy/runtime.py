@@ -31,7 +31,7 @@ from fastproxy.config import (
     UpstreamConfig,
     WebSocketMode,
 )
-from fastproxy.policy import PrefixTable, Rule
+from fastproxy.policy import Action, PrefixTable, Rule
 
 #: what a listener without TLS calls itself in X-Forwarded-Proto and in Host checks
 HTTP_SCHEME = b"http"
@@ -144,6 +144,7 @@ def _rule(rule: Rule) -> dict[str, object]:
         "upstream": rule.upstream,
         "max_body_bytes": rule.max_body_bytes,
         "allow": sorted(refusal.value for refusal in rule.allow),
+        "https_port": rule.https_port if rule.action is Action.REDIRECT_HTTPS else None,
     }
 
 

@@ -68,6 +68,7 @@ def test_reload_applies_routes_without_closing_anything(factory: ProxyFactory) -
             "upstream": None,
             "max_body_bytes": 64 * 1024 * 1024,
             "allow": [],
+            "https_port": None,
         }
         assert get(proxy.sdk_port, "/extra").status == 200
         ws.send_text("after")

@@ -432,7 +432,7 @@ ERRORS = [
     pytest.param(
         BASE + '[policies.p.rules.r]\nprefix = "/x/"\naction = "allow"\n',
         'fastproxy.toml: policies.p.rules.r.action: unknown rule action, got "allow" '
-        "(known: forward, websocket, rewrite, deny)",
+        "(known: forward, websocket, rewrite, deny, redirect_https)",
         id="bad-action-no-suggestion",
     ),
     pytest.param(
@@ -684,6 +684,17 @@ ERRORS = [
         '"above_root" (allowed: encoded_slash, encoded_backslash, encoded_control, '
         "raw_backslash, encoded_non_ascii, malformed_escape, double_encoding, semicolon)",
         id="allow-not-opt-out-able",
+    ),
+    pytest.param(
+        BASE + '[policies.p.rules.r]\nprefix = "/x/"\naction = "forward"\nhttps_port = 8443\n',
+        "fastproxy.toml: policies.p.rules.r.https_port: https_port is only for action "
+        '"redirect_https", got 8443',
+        id="https-port-not-a-redirect",
+    ),
+    pytest.param(
+        BASE + '[policies.p]\nfallback = { action = "redirect_https", https_port = 70000 }\n',
+        "fastproxy.toml: policies.p.fallback.https_port: not a TCP port, got 70000",
+        id="https-port-out-of-range",
     ),
     pytest.param(
         BASE + 'trusted_proxies = ["10.0.0.1/8"]\n',

@@ -197,6 +197,72 @@ def test_a_client_that_half_closes_gets_its_answers_then_the_close() -> None:
 # -- upstream connections -----------------------------------------------------------------------
 
 
+REDIRECT = Snapshot.build(
+    parse_config(
+        {
+            "upstreams": {"origin": {"servers": ["127.0.0.1:9"]}},
+            "policies": {
+                "to-8443": {
+                    "extends": "https-redirect",
+                    "fallback": {"action": "redirect_https", "https_port": 8443},
+                }
+            },
+            "listeners": {
+                "http": {"bind": "127.0.0.1:0", "policy": "https-redirect"},
+                "alt": {"bind": "127.0.0.1:0", "policy": "to-8443"},
+            },
+            "presets": {"cobrowse": {"acme": True}},
+        },
+        "redirect.toml",
+    ),
+    1,
+)
+
+
+@pytest.mark.parametrize(
+    ("listener", "request_head", "location"),
+    [
+        (
+            "http",
+            b"GET /a/../b?q=%41 HTTP/1.1\r\nHost: example.com:8080\r\n",
+            b"https://example.com/b?q=%41",
+        ),
+        ("http", b"PUT /x HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n", b"https://[2001:db8::1]/x"),
+        (
+            "http",
+            b"GET http://example.com/y HTTP/1.1\r\nHost: example.com\r\n",
+            b"https://example.com/y",
+        ),
+        ("alt", b"DELETE /z HTTP/1.1\r\nHost: example.com\r\n", b"https://example.com:8443/z"),
+    ],
+)
+def test_redirect_https_sends_the_canonical_target_to_https(
+    listener: str, request_head: bytes, location: bytes
+) -> None:
+    h = harness(listener, REDIRECT)
+    h.send(request_head + b"\r\n" + request_head + b"\r\n")
+    assert [(r.status, r.code) for r in h.records] == [(308, "https_redirect")] * 2
+    assert h.records[0].cycle is not None
+    assert h.records[0].cycle.verdict is Verdict.REDIRECT
+    out = h.take_client()
+    assert out.count(b"HTTP/1.1 308 Permanent Redirect\r\n") == 2
+    assert out.count(b"\r\nLocation: " + location + b"\r\n") == 2
+    assert not h.effects.closed and not h.upstreams  # keep-alive, nothing forwarded
+
+
+def test_redirect_https_forwards_acme_challenges_and_closes_after_a_body() -> None:
+    h = harness("http", REDIRECT)
+    h.send(b"GET /.well-known/acme-challenge/t0k HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert h.upstreams[0].wire[0].startswith(b"GET /.well-known/acme-challenge/t0k HTTP/1.1")
+    h = harness("http", REDIRECT)
+    h.send(b"POST /form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc")
+    assert [(r.status, r.code) for r in h.records] == [(308, "https_redirect")]
+    assert b"Connection: close" in h.take_client() and h.effects.closed == "close"
+    h = harness("http", REDIRECT)
+    h.send(b"GET /x HTTP/1.0\r\n\r\n")  # no name to redirect to
+    assert [(r.status, r.code) for r in h.records] == [(400, "bad_host")]
+
+
 def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
     h = harness(reused=True, respond=lambda conn: None)
     h.send(GET)

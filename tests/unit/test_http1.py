@@ -795,7 +795,7 @@ def test_http1_local_response_is_one_fixed_shape() -> None:
         content_type=b"application/json",
         request_id=b"rid",
         close=True,
-        allow=b"GET, HEAD",
+        field=b"Allow: GET, HEAD",
     ) == (
         b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\n"
         b"Content-Length: 13\r\nX-Request-Id: rid\r\nAllow: GET, HEAD\r\nConnection: close\r\n\r\n"

@@ -109,7 +109,20 @@ def test_runtime_routes_are_the_compiled_tables_as_data() -> None:
         "upstream": None,
         "max_body_bytes": 64 * 1024 * 1024,
         "allow": [],
+        "https_port": None,
     }
     prefixes = {rule["prefix"]: rule["action"] for rule in agent["rules"]}
     assert prefixes["/sockets/1/"] == "websocket"
     assert prefixes["/api/1/"] == "forward"
+
+
+def test_runtime_routes_show_the_port_of_an_https_redirect() -> None:
+    text = BASE.replace('policy = "cobrowse-sdk"', 'policy = "https-redirect"', 1)
+    assert text != BASE
+    routes = Snapshot.build(_config(text), 1).routes()
+    listeners = routes["listeners"]
+    assert isinstance(listeners, dict)
+    [redirecting] = [
+        plan for plan in listeners.values() if plan["fallback"]["action"] == "redirect_https"
+    ]
+    assert redirecting["fallback"]["https_port"] == 443
