@@ -139,12 +139,14 @@ class Handle:
     def workers(self) -> list[int]:
         return procs.children(self.proc.pid) if self.forks else [self.proc.pid]
 
-    def restart(self) -> None:
-        """A fresh process: memory is measured on one that never held other connections."""
+    def restart(self, *, plain_http: bool = True) -> None:
+        """A fresh process: memory is measured on one that never held other connections.
+        ``plain_http``: wait until its port answers HTTP (else until it accepts)."""
         self.proc.stop()
         self.bench.started.remove(self.proc)
         self.proc = self._launch()
-        procs.wait_http(f"http://127.0.0.1:{self.port}{SMALL_PATH}")
+        if plain_http:
+            procs.wait_http(f"http://127.0.0.1:{self.port}{SMALL_PATH}")
 
 
 @dataclass
