@@ -15,6 +15,9 @@ Behaviour is chosen by the query string, which the proxy forwards byte for byte:
 - ``echo=1``: the body is the request body;
 - ``close=1``: ``Connection: close``;
 - ``headers=1``: add hop-by-hop and custom response headers (see ``EXTRA_RESPONSE_HEADERS``);
+- ``page=ws``: ``BROWSER_PAGE``, an HTML page whose script opens a WebSocket to
+  ``/sockets/1/browser`` on its own origin (``ws:`` or ``wss:``), sends a message and reports
+  the echo with a request to ``/api/1/devices/report?echo=...&scheme=...``;
 - ``reset=1``: send the head and part of the body, then reset the TCP connection;
 - ``stall=S``: send the head and part of the body, then stay silent for S seconds and close;
 - on a WebSocket handshake, ``ws=echo`` (default: 101 and echo), ``ws=426``, ``ws=200`` (refuse
@@ -64,6 +67,22 @@ _PATTERN = bytes(range(251))  # a prime period, so a shifted or repeated slice s
 def pattern_body(size: int) -> bytes:
     """The deterministic body ``size=N`` and ``chunked=N`` send."""
     return (_PATTERN * (size // len(_PATTERN) + 1))[:size]
+
+
+#: what ``page=ws`` serves: a browser's round trip over a WebSocket on the page's own origin
+BROWSER_PAGE = b"""<!doctype html>
+<html><head><title>fastproxy</title></head><body><p id="state">loading</p><script>
+const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+const socket = new WebSocket(scheme + "//" + location.host + "/sockets/1/browser");
+socket.onopen = () => socket.send("hello from " + location.protocol);
+socket.onmessage = (event) => {
+  document.getElementById("state").textContent = "echo: " + event.data;
+  fetch("/api/1/devices/report?echo=" + encodeURIComponent(event.data)
+        + "&scheme=" + location.protocol.replace(":", ""));
+};
+socket.onerror = () => fetch("/api/1/devices/report?error=1");
+</script></body></html>
+"""
 
 
 def query_params(target: bytes) -> dict[str, str]:
@@ -350,7 +369,10 @@ class RecordingUpstream:
         if "chunked" in params:
             await self._send_chunked(conn, writer, status, headers, int(params["chunked"]))
             return False
-        if params.get("echo") == "1":
+        if params.get("page") == "ws":
+            headers[0] = (b"Content-Type", b"text/html; charset=utf-8")
+            body = BROWSER_PAGE
+        elif params.get("echo") == "1":
             body = request.body
         elif "size" in params:
             body = pattern_body(int(params["size"]))
