@@ -416,3 +416,14 @@ def test_setup_stdout_is_not_counted_by_reopen(capfd: pytest.CaptureFixture[str]
     log.access.write({"path": "/a"})
     assert log.reopen() == 0
     assert orjson.loads(capfd.readouterr().out)["path"] == "/a"  # reopen flushed it
+
+
+def test_throttle_one_line_per_key_per_interval_with_the_count_left_out() -> None:
+    throttle = log.Throttle(10.0)
+    assert throttle.check("a", 100.0) == 0
+    assert throttle.check("a", 101.0) is None
+    assert throttle.check("a", 105.0) is None
+    assert throttle.check("b", 105.0) == 0  # keys are independent
+    assert throttle.check("a", 110.5) == 2  # the two left out, on the next line written
+    assert throttle.check("a", 111.0) is None
+    assert throttle.check("a", 121.0) == 1
