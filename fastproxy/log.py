@@ -320,7 +320,6 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     # plain-text "last resort" output of a logger without a handler
     aio = logging.getLogger("asyncio")
     aio.setLevel(max(numeric, logging.WARNING))
-    aio.propagate = False
     aio.addHandler(app_handler)
     _installed.append((aio, app_handler))
 

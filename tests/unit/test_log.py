@@ -73,7 +73,7 @@ def isolated_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let a test call ``log.setup``; put the loggers and ``log.access`` back afterwards."""
     monkeypatch.setattr(log, "access", None)  # a writer left by another test is not ours to close
     monkeypatch.setattr(log, "_installed", [])
-    loggers = [logging.getLogger(log.APP_LOGGER)]
+    loggers = [logging.getLogger(log.APP_LOGGER), logging.getLogger("asyncio")]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
     if log.access is not None:
@@ -427,3 +427,14 @@ def test_throttle_one_line_per_key_per_interval_with_the_count_left_out() -> Non
     assert throttle.check("a", 110.5) == 2  # the two left out, on the next line written
     assert throttle.check("a", 111.0) is None
     assert throttle.check("a", 121.0) == 1
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_setup_sends_asyncio_records_as_json_too(capsys: pytest.CaptureFixture[str]) -> None:
+    log.setup("info")
+    logging.getLogger("asyncio").error("Fatal error on transport", exc_info=ValueError("x"))
+    lines = capsys.readouterr().err.splitlines()
+    record = orjson.loads(lines[-1])
+    assert record["logger"] == "asyncio" and record["level"] == "ERROR"
+    assert "ValueError: x" in record["exc"]
+    assert len(lines) == 1, lines  # one JSON line, no plain-text traceback after it
