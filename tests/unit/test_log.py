@@ -430,7 +430,11 @@ def test_throttle_one_line_per_key_per_interval_with_the_count_left_out() -> Non
 
 
 @pytest.mark.usefixtures("isolated_setup")
-def test_setup_sends_asyncio_records_as_json_too(capsys: pytest.CaptureFixture[str]) -> None:
+def test_setup_sends_asyncio_records_as_json_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only the handler this setup installs (another test's may write to a closed stream)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "handlers", [])
     log.setup("info")
     logging.getLogger("asyncio").error("Fatal error on transport", exc_info=ValueError("x"))
     lines = capsys.readouterr().err.splitlines()
