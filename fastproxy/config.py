@@ -101,6 +101,9 @@ GRACEFUL_TIMEOUT_S = 30.0
 BUILT_IN_SOURCE = "<built-in>"
 PRESET_SDK = "cobrowse-sdk"
 PRESET_AGENT = "cobrowse-agent"
+#: ``max_connections_per_client`` of a listener that does not set it, unless its policy is
+#: ``PRESET_AGENT`` (0 there: the agents of one office share one NAT address)
+PER_CLIENT_DEFAULT = 256
 
 
 class Mode(enum.Enum):
@@ -155,7 +158,8 @@ class Limits:
     send_timeout_s: float = 60.0
     #: client connections one worker holds on this listener; more are closed at accept
     max_connections: int = 10_000
-    #: connections one client address may hold on one worker; 0 = no limit
+    #: connections one client address may hold on one worker; 0 = no limit. The default is
+    #: ``PER_CLIENT_DEFAULT``, except 0 on a listener whose policy is ``cobrowse-agent``
     max_connections_per_client: int = 256
     ws_idle_timeout_s: float = 3600.0
     #: must be shorter than ``ws_idle_timeout_s``
@@ -1129,7 +1133,12 @@ def _listener(
         upstream=upstream,
         mode=mode,
         tls=tls,
-        limits=_limits(table.get("limits", {}), _join(where, "limits")),
+        limits=_limits(
+            table.get("limits", {}),
+            _join(where, "limits"),
+            # agents share a few NAT addresses: no per-client cap unless the file sets one
+            per_client_default=0 if policy_name == PRESET_AGENT else PER_CLIENT_DEFAULT,
+        ),
         trusted_proxies=proxies,
         keep_headers=keep,
         forwarded_header=_get_bool(table, "forwarded_header", where, defaults.forwarded_header),
@@ -1199,10 +1208,10 @@ def _methods(value: object, where: str) -> frozenset[bytes]:
     return frozenset(methods)
 
 
-def _limits(value: object, where: str) -> Limits:
+def _limits(value: object, where: str, *, per_client_default: int) -> Limits:
     table = _table(value, where)
     _keys(table, where, _LIMIT_KEYS)
-    d = Limits()
+    d = Limits(max_connections_per_client=per_client_default)
     limits = Limits(
         max_head_bytes=_get_int(table, "max_head_bytes", where, d.max_head_bytes, minimum=1),
         max_headers=_get_int(table, "max_headers", where, d.max_headers, minimum=1),

@@ -15,6 +15,14 @@ EXIT_USAGE = 2
 EXIT_WORKER_BOOT = 3  # a worker failed to start: the master stops instead of respawning forever
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
+# Stable error codes of the local answers for faults (the JSON body's ``error``), beside the
+# codes of the exchange (``upstream_failed`` 502, ``upstream_timeout`` 504, ...).
+#: 503: the connection was over ``max_connections``, ``max_connections_per_client`` or the
+#: worker's descriptors at accept
+OVERLOADED = "overloaded"
+#: 500: an unexpected exception in the worker ended the exchange (logged with its traceback)
+INTERNAL_ERROR = "internal_error"
+
 
 class FastproxyError(Exception):
     """Base class of every error fastproxy raises on purpose."""

@@ -77,6 +77,9 @@ from fastproxy.wsrelay import upgrade_accepted
 
 #: methods whose body some backends ignore, reading it as the next request ("CL.0")
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
+#: the kind counted and the reason logged for a response the upstream cut off after its head
+#: was relayed (no answer of ours can follow it: the client connection is reset)
+UPSTREAM_TRUNCATED = "upstream_truncated"
 #: the methods a rewritten request (the SPA fallback) may carry
 REWRITE_METHODS = frozenset({b"GET", b"HEAD"})
 #: the Allow field of a 405 on a rewrite rule (RFC 9110 15.5.6)
@@ -937,11 +940,17 @@ class Exchange:
         self._upstream_failed(cycle, "upstream_failed", 502, detail)
 
     def _upstream_failed(self, cycle: Cycle, code: str, status: int, detail: str = "") -> None:
+        if cycle.response_started and code == "upstream_failed":
+            code = UPSTREAM_TRUNCATED
         self.io.upstream_error(cycle.upstream_name, code, detail)
         if cycle.upstream is not None:
             self._drop_upstream(cycle)
         if cycle.response_started:
-            self.io.finished(cycle, cycle.status, "")
+            # The head went out: the client sees the response end early (a reset). Reported
+            # as the upstream's failure (502, or 504 for a stall), never as the status its
+            # head carried.
+            cycle.verdict = Verdict.ERROR
+            self.io.finished(cycle, status, code)
             self.close(abort=True)
         else:
             self._local_reply(cycle, status, code, close=True)

@@ -28,6 +28,8 @@ Invariants:
 - Workers inherit the writer across ``fork``. The master never writes access records, so its
   buffer is empty when it forks; in any case a forked child starts with an empty buffer
   (``os.register_at_fork``), so no line buffered before a fork is ever written twice.
+- ``Throttle`` rate-limits a repeated WARNING (an upstream failing, connections shed): one
+  line per key per interval, the next one carrying the count of those left out.
 - ``reopen`` (SIGUSR1, after logrotate moved the file) flushes what is pending to the old file,
   then opens the path again and swaps the descriptor. Each process holds its own descriptor: the
   master reopens its own (for the workers it will fork), every worker must reopen its own.
@@ -314,6 +316,42 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     app_handler.setFormatter(JsonFormatter())
     app.addHandler(app_handler)
     _installed.append((app, app_handler))
+    # asyncio (and uvloop through it) reports on its own logger: the same JSON lines, never the
+    # plain-text "last resort" output of a logger without a handler
+    aio = logging.getLogger("asyncio")
+    aio.setLevel(max(numeric, logging.WARNING))
+    aio.addHandler(app_handler)
+    _installed.append((aio, app_handler))
+
+
+class Throttle:
+    """At most one log line per key per ``interval_s``; the rest are counted, not written.
+
+    ``check(key, now)`` returns None when a line for ``key`` was written less than
+    ``interval_s`` ago (the call is counted), else the number of calls left out since the last
+    line (0 for the first), and the caller writes its line with that count. Keys are bounded
+    by the caller (an upstream and a kind, a listener and a reason), never a peer's address;
+    ``MAX_KEYS`` caps the table anyway.
+    """
+
+    __slots__ = ("_seen", "interval_s")
+
+    MAX_KEYS = 1024
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        #: key -> (when its last line was written, calls left out since)
+        self._seen: dict[object, tuple[float, int]] = {}
+
+    def check(self, key: object, now: float) -> int | None:
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return None
+        if seen is None and len(self._seen) >= self.MAX_KEYS:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return 0 if seen is None else seen[1]
 
 
 def reopen() -> int:

@@ -248,6 +248,23 @@ class Master:
         self._watchdog_s: float | None = None
         self._last_watchdog = 0.0
 
+    def _check_nofile_limit(self) -> None:
+        """Warn, once at start, when the open-files limit cannot hold ``max_connections``."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        capacity = self._snapshot.client_capacity(soft)
+        wanted = self._snapshot.max_clients()
+        if capacity < wanted:
+            logger.warning(
+                "the open-files limit %d lets a worker hold about %d client connections, fewer "
+                "than the %d its listeners' max_connections allow: connections over it are "
+                "answered 503 overloaded (raise LimitNOFILE or lower max_connections)",
+                soft,
+                capacity,
+                wanted,
+            )
+
     # -- life cycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -258,6 +275,7 @@ class Master:
         try:
             self._bind_all()
             raise_nofile_limit()
+            self._check_nofile_limit()
             self._metrics_dir = metrics.prepare_multiproc_dir()
             self._metrics = metrics.MasterMetrics(time.time())
             self._watchdog_s = systemd.watchdog_interval_s()

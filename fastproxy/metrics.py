@@ -14,6 +14,11 @@ directory; the master calls that before forking and never imports the collectors
 
 On the hot path a request costs one dictionary lookup and one ``inc()`` on a child whose labels
 were resolved the first time that combination was seen.
+
+The children of the error paths (every upstream with every kind in ``UPSTREAM_ERROR_KINDS``,
+every listener with every ``SHED_REASONS``) are resolved when the worker starts or a reload adds
+the name: resolving a child is where prometheus-client may open its memory-mapped file, and an
+error path may run when the worker has no descriptor left (EMFILE).
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ def status_class(status: int) -> str:
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 
+#: ``kind`` of ``fastproxy_upstream_errors_total``: the client's error code, or
+#: ``upstream_truncated`` for a response the upstream cut off after its head was relayed
+UPSTREAM_ERROR_KINDS = ("upstream_failed", "upstream_timeout", "upstream_truncated")
+#: ``reason`` of ``fastproxy_connections_shed_total``
+SHED_REASONS = ("max_connections", "max_connections_per_client", "descriptors")
+
 
 class WorkerMetrics:
     """The metrics one worker updates. Created in the worker, after the fork."""
@@ -105,6 +116,11 @@ class WorkerMetrics:
             "Upstream failures by kind.",
             ["upstream", "kind"],
         )
+        self.connections_shed = Counter(
+            "fastproxy_connections_shed",
+            "Client connections answered 503 and closed at accept, by reason.",
+            ["listener", "reason"],
+        )
         build = Gauge(
             "fastproxy_build_info",
             "Build information.",
@@ -113,6 +129,8 @@ class WorkerMetrics:
         )
         build.labels(__version__).set(1)
         self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+        self._upstream_error_children: dict[tuple[str, str], Counter] = {}
+        self._shed_children: dict[tuple[str, str], Counter] = {}
 
     def count_request(self, listener: str, rule: str, decision: str, status: int) -> None:
         key = (listener, rule, decision, status // 100)
@@ -121,6 +139,30 @@ class WorkerMetrics:
             child = self.requests.labels(listener, rule, decision, status_class(status))
             self._request_children[key] = child
         child.inc()
+
+    def prepare_upstream(self, upstream: str) -> None:
+        """Resolve the error children of ``upstream`` now, not on an error path."""
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_error(upstream, kind)
+
+    def upstream_error(self, upstream: str, kind: str) -> Counter:
+        key = (upstream, kind)
+        child = self._upstream_error_children.get(key)
+        if child is None:
+            child = self._upstream_error_children[key] = self.upstream_errors.labels(upstream, kind)
+        return child
+
+    def prepare_listener(self, listener: str) -> None:
+        """Resolve the shed children of ``listener`` now, not when descriptors run out."""
+        for reason in SHED_REASONS:
+            self.shed(listener, reason)
+
+    def shed(self, listener: str, reason: str) -> Counter:
+        key = (listener, reason)
+        child = self._shed_children.get(key)
+        if child is None:
+            child = self._shed_children[key] = self.connections_shed.labels(listener, reason)
+        return child
 
     def connection_gauge(self, listener: str) -> Gauge:
         return self.connections.labels(listener)

@@ -33,6 +33,10 @@ from fastproxy.config import (
 )
 from fastproxy.policy import Action, PrefixTable, Rule
 
+#: descriptors a worker keeps for itself: standard streams, logs, metrics files, listening,
+#: admin and control sockets, the event loop's own (epoll, signals, libuv's EMFILE reserve)
+FD_RESERVE = 64
+
 #: what a listener without TLS calls itself in X-Forwarded-Proto and in Host checks
 HTTP_SCHEME = b"http"
 HTTP_DEFAULT_PORT = b"80"
@@ -129,6 +133,20 @@ class Snapshot:
                 for name, spec in self.upstreams.items()
             },
         }
+
+    def client_capacity(self, nofile: int) -> int:
+        """Client connections a worker can hold with ``nofile`` descriptors.
+
+        Each client connection may hold one upstream connection too (two descriptors); the
+        idle keep-alive connections every pool may keep and ``FD_RESERVE`` (logs, metrics files,
+        listening and control sockets, the loop's own) come off first.
+        """
+        idle = sum(spec.keepalive * len(spec.servers) for spec in self.upstreams.values())
+        return max(0, (nofile - FD_RESERVE - idle) // 2)
+
+    def max_clients(self) -> int:
+        """The client connections a worker may hold: the sum of the listeners' max_connections."""
+        return sum(plan.limits.max_connections for plan in self.listeners.values())
 
     def binds(self) -> dict[str, Address]:
         """Listener name -> bind address (the sockets this generation needs)."""

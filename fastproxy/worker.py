@@ -18,6 +18,16 @@ request; everything runs in transport callbacks:
 3. ``TUNNEL``: after a checked 101 the adapter relays WebSocket frames both ways (``wsrelay``),
    with its own timeouts (pings, idle, the close handshake).
 
+Faults: every error path ends the exchange with an answer or a close and frees its state.
+A connection over a limit at accept (``max_connections``, ``max_connections_per_client``, or
+the worker's descriptors, ``runtime.Snapshot.client_capacity``) gets a 503 ``overloaded`` and
+a close (a lingering one while descriptors allow: FIN, the client's bytes read and dropped for
+``SHED_LINGER_S``). An exception escaping a callback is logged as JSON by the loop's exception
+handler (``_on_loop_exception``) and the connection it belongs to is ended (``crashed``: a 500
+``internal_error`` when no response has begun, a reset otherwise). Upstream failures and shed
+connections are counted and logged at WARNING, at most one line per key per
+``LOG_INTERVAL_S`` (``log.Throttle``).
+
 Invariants: the pure modules never read a clock; a connection has one deadline armed at a time
 (the exchange's or the tunnel's); a cycle pins its ``ListenerPlan`` (in the exchange) and its
 upstream pool (``ClientProtocol.pool``), so a reload never changes a request under way.
@@ -27,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -38,16 +50,16 @@ import termios
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
 from fastproxy import admin, control, log
 from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
-from fastproxy.errors import ConfigError
-from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict
-from fastproxy.http1 import ClientLeg, ServerLeg
+from fastproxy.errors import INTERNAL_ERROR, OVERLOADED, ConfigError
+from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict, error_body
+from fastproxy.http1 import ClientLeg, ServerLeg, local_response
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Decision
 from fastproxy.runtime import ListenerPlan, Snapshot, diff
@@ -70,10 +82,11 @@ DRAIN_STEP_S = 0.05
 #: on SIGTERM, an idle keep-alive connection is closed once it has been quiet this long
 DRAIN_QUIET_S = 0.5
 _INT_ZERO = bytes(4)
-
-
-def _call_now(callback: Callable[[float], None]) -> None:
-    callback(time.monotonic())
+#: a connection shed at accept: how long its request is read and dropped after the 503 and a
+#: FIN, so that closing it does not reset the answer away (nginx's lingering close)
+SHED_LINGER_S = 1.0
+#: at most one WARNING line per key (an upstream and a kind, a listener and a reason) this often
+LOG_INTERVAL_S = 10.0
 
 
 class Listener:
@@ -103,6 +116,7 @@ class Listener:
         self.per_client: dict[bytes, int] = {}
         self.conn_gauge = metrics.connection_gauge(plan.name)
         self.ws_gauge = metrics.websocket_gauge(plan.name)
+        metrics.prepare_listener(plan.name)
 
 
 def leg_class_for(parser: HttpParser) -> Callable[[int], ClientLeg]:
@@ -120,8 +134,15 @@ class WorkerState:
         self.snapshot = snapshot
         self.loop = loop
         self.metrics = WorkerMetrics()
+        for name in snapshot.upstreams:
+            self.metrics.prepare_upstream(name)
         #: the current pool of each upstream; a reload that changes a spec retires its pool
         self.pools = {name: UpstreamPool(u, loop) for name, u in snapshot.upstreams.items()}
+        #: client connections open on every listener, and how many the descriptors allow
+        self.clients = 0
+        self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.client_capacity = snapshot.client_capacity(self.nofile)
+        self.throttle = log.Throttle(LOG_INTERVAL_S)
         self.listeners = {
             name: Listener(plan, self.metrics) for name, plan in snapshot.listeners.items()
         }
@@ -151,6 +172,18 @@ class WorkerState:
     def next_request_id(self) -> bytes:
         self._rid_counter += 1
         return b"%s%08x" % (self._rid_prefix, self._rid_counter)
+
+    def warn(self, key: object, msg: str, *args: object, extra: Mapping[str, object]) -> None:
+        """A WARNING, at most one per ``key`` per ``LOG_INTERVAL_S``, with the count left out."""
+        if not logger.isEnabledFor(logging.WARNING):
+            return
+        left_out = self.throttle.check(key, time.monotonic())
+        if left_out is None:
+            return
+        if left_out:
+            msg += " (%d more since the last such line)"
+            args = (*args, left_out)
+        logger.warning(msg, *args, extra=extra)
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -237,11 +270,16 @@ class ClientProtocol(asyncio.Protocol):
         listener.per_client[self.peer] = count
         listener.connections.add(self)
         listener.conn_gauge.inc()
-        if len(listener.connections) > limits.max_connections or (
-            limits.max_connections_per_client and count > limits.max_connections_per_client
-        ):
-            self.exchange.state = State.CLOSED
-            transport.abort()
+        worker = self.worker
+        worker.clients += 1
+        if worker.clients > worker.client_capacity:
+            self._shed("descriptors", linger=False)
+            return
+        if len(listener.connections) > limits.max_connections:
+            self._shed("max_connections", linger=True)
+            return
+        if limits.max_connections_per_client and count > limits.max_connections_per_client:
+            self._shed("max_connections_per_client", linger=True)
             return
         # (uvloop sets TCP_NODELAY on every TCP transport itself)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
@@ -264,8 +302,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
-        listener.connections.discard(self)
-        listener.conn_gauge.dec()
+        if self in listener.connections:
+            listener.connections.discard(self)
+            listener.conn_gauge.dec()
+            self.worker.clients -= 1
         ip = self.peer
         left = listener.per_client.get(ip, 1) - 1
         if left:
@@ -292,10 +332,19 @@ class ClientProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- upstream callbacks
 
     def on_upstream_ready(self, conn: UpstreamProtocol) -> None:
-        self.exchange.upstream_ready(conn, time.monotonic())
+        # called from the connect task's done callback: an exception there would reach the
+        # loop's handler with no connection to end, so it is caught here (as for every
+        # callback this class is entered through outside its transport's)
+        try:
+            self.exchange.upstream_ready(conn, time.monotonic())
+        except Exception as exc:
+            self.crashed(exc)
 
     def on_upstream_failed(self, code: str) -> None:
-        self.exchange.upstream_failed(code)
+        try:
+            self.exchange.upstream_failed(code)
+        except Exception as exc:
+            self.crashed(exc)
 
     def on_upstream_data(self, data: bytes) -> None:
         exchange = self.exchange
@@ -360,7 +409,13 @@ class ClientProtocol(asyncio.Protocol):
         return pool.acquire(self, fresh=fresh)
 
     def soon(self, callback: Callable[[float], None]) -> None:
-        self.worker.loop.call_soon(_call_now, callback)
+        self.worker.loop.call_soon(self._call_now, callback)
+
+    def _call_now(self, callback: Callable[[float], None]) -> None:
+        try:
+            callback(time.monotonic())
+        except Exception as exc:
+            self.crashed(exc)
 
     def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
         listener = self.listener
@@ -373,14 +428,22 @@ class ClientProtocol(asyncio.Protocol):
         self.worker.metrics.count_request(listener.name, rule, verdict.value, status)
         access = log.access
         if access is not None:
-            self._access_log(access, cycle, status)
+            self._access_log(access, cycle, status, code)
         if verdict is Verdict.WOULD_DENY and decision is not None:
             self._log_would_deny(decision)
 
     def upstream_error(self, upstream: str, code: str, detail: str) -> None:
-        self.worker.metrics.upstream_errors.labels(upstream, code).inc()
-        if detail and logger.isEnabledFor(logging.DEBUG):
-            logger.debug("upstream %s broke: %s", upstream, detail)
+        worker = self.worker
+        worker.metrics.upstream_error(upstream, code).inc()
+        worker.warn(
+            ("upstream", upstream, code),
+            "upstream %s: %s (%s, listener %s)",
+            upstream,
+            detail or _UPSTREAM_ERROR_TEXT.get(code, code),
+            code,
+            self.listener.name,
+            extra={"upstream": upstream, "listener": self.listener.name},
+        )
 
     def switched(
         self, cycle: Cycle, conn: UpstreamConn, client_rest: bytes, upstream_rest: bytes
@@ -405,12 +468,15 @@ class ClientProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- timers
 
     def on_deadline(self) -> None:
-        callback = self.ws_timer
-        if callback is not None:
-            self.ws_timer = None
-            callback(self)
-            return
-        self.exchange.timer_fired(time.monotonic())
+        try:
+            callback = self.ws_timer
+            if callback is not None:
+                self.ws_timer = None
+                callback(self)
+                return
+            self.exchange.timer_fired(time.monotonic())
+        except Exception as exc:
+            self.crashed(exc)
 
     def _arm_ws(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
         """Run ``callback(self)`` in ``delay`` seconds (tunnel timeouts)."""
@@ -424,8 +490,12 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- records
 
-    def _access_log(self, access: log.AccessLog, cycle: Cycle, status: int) -> None:
-        """One record per request; the query string, cookies and credentials are never logged."""
+    def _access_log(self, access: log.AccessLog, cycle: Cycle, status: int, code: str) -> None:
+        """One record per request; the query string, cookies and credentials are never logged.
+
+        ``reason`` is the error code of a local answer or a failed exchange (``code``), else
+        the policy's refusal, else null.
+        """
         decision = cycle.decision
         info = cycle.info
         access.write(
@@ -441,7 +511,8 @@ class ClientProtocol(asyncio.Protocol):
                 "status": status,
                 "duration_s": round(time.monotonic() - cycle.start, 6),
                 "upstream": cycle.upstream_name,
-                "reason": decision.refusal.value if decision and decision.refusal else None,
+                "reason": code
+                or (decision.refusal.value if decision and decision.refusal else None),
             }
         )
 
@@ -458,6 +529,105 @@ class ClientProtocol(asyncio.Protocol):
     def _close(self, *, abort: bool = False) -> None:
         self._cancel_ws_timer()
         self.exchange.close(abort=abort)
+
+    # ---------------------------------------------------------------- faults
+
+    def _shed(self, reason: str, *, linger: bool) -> None:
+        """Over a limit at accept: a 503 ``overloaded`` (nginx ``limit_conn``'s status), then
+        a close; never a reset the worker can afford to avoid."""
+        worker = self.worker
+        listener = self.listener
+        transport = self.transport
+        assert transport is not None
+        self.exchange.state = State.CLOSED
+        worker.metrics.shed(listener.name, reason).inc()
+        extra = {"listener": listener.name, "status": 503}
+        if reason == "descriptors":
+            worker.warn(
+                ("shed", listener.name, reason),
+                "listener %s: out of descriptors (%d client connections, open-files limit %d):"
+                " shedding new connections with 503",
+                listener.name,
+                worker.clients - 1,
+                worker.nofile,
+                extra=extra,
+            )
+        else:
+            worker.warn(
+                ("shed", listener.name, reason),
+                "listener %s: connection from %s over %s, answered 503",
+                listener.name,
+                self.client_ip,
+                reason,
+                extra=extra,
+            )
+        request_id = worker.next_request_id()
+        transport.write(
+            local_response(
+                503,
+                error_body(OVERLOADED, request_id),
+                content_type=b"application/json",
+                request_id=request_id,
+                close=True,
+            )
+        )
+        if not linger:
+            transport.close()
+            return
+        # FIN after the answer; what the client sends meanwhile is read and dropped (the
+        # exchange is CLOSED), so the close after it does not reset the answer away
+        with contextlib.suppress(OSError, RuntimeError):
+            transport.write_eof()
+        self._arm_ws(SHED_LINGER_S, ClientProtocol._on_shed_timeout)
+
+    def _on_shed_timeout(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def crashed(self, exc: BaseException | None) -> None:
+        """An exception escaped a callback of this connection: log it (unless the loop's
+        handler has), then end the exchange: a 500 ``internal_error`` when no response has
+        begun, else a reset; the upstream side is dropped. Never raises."""
+        if exc is not None:
+            _log_exception(
+                self.worker,
+                f"unexpected error on a connection of listener {self.listener.name}",
+                exc,
+            )
+        transport = self.transport
+        exchange = self.exchange
+        if transport is None or exchange.state is State.CLOSED:
+            return
+        try:
+            self._cancel_ws_timer()
+            exchange._cancel_timer()
+            cycle = exchange.cycle
+            answer = exchange.state is not State.TUNNEL and (
+                cycle is None or not cycle.leg.response_started
+            )
+            if exchange.state is State.TUNNEL:
+                self._end_tunnel()
+            elif cycle is not None and cycle.upstream is not None:
+                conn, cycle.upstream = cycle.upstream, None
+                conn.discard()
+            exchange.state = State.CLOSED
+            if answer:
+                request_id = (cycle.request_id if cycle else b"") or self.worker.next_request_id()
+                transport.write(
+                    local_response(
+                        500,
+                        error_body(INTERNAL_ERROR, request_id),
+                        content_type=b"application/json",
+                        request_id=request_id,
+                        close=True,
+                    )
+                )
+                transport.close()
+            else:
+                self.close_client(abort=True)
+        except Exception as again:
+            _log_exception(self.worker, "cannot end a failed connection", again)
+            transport.abort()
 
     # ---------------------------------------------------------------- WebSocket tunnel
 
@@ -622,6 +792,41 @@ class ClientProtocol(asyncio.Protocol):
             self.exchange.abandon()
 
 
+_UPSTREAM_ERROR_TEXT = {
+    "upstream_failed": "connect failed",
+    "upstream_timeout": "timed out",
+    "upstream_truncated": "response cut off",
+}
+
+
+def _log_exception(worker: WorkerState, message: str, exc: BaseException | None) -> None:
+    """An ERROR with its traceback (JSON, ``exc``), at most one per message and exception type
+    per ``LOG_INTERVAL_S``: a bug hit by every request must not flood the log."""
+    key = ("exception", message, type(exc).__name__)
+    left_out = worker.throttle.check(key, time.monotonic())
+    if left_out is None:
+        return
+    if left_out:
+        message += f" ({left_out} more since the last such line)"
+    logger.error("%s", message, exc_info=exc)
+
+
+def _on_loop_exception(worker: WorkerState, loop: Any, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: an exception that escaped a callback is logged as
+    JSON, and the client connection it belongs to, if any, is ended (``crashed``)."""
+    exc = context.get("exception")
+    message = str(context.get("message") or "unhandled error in the event loop")
+    error = exc if isinstance(exc, BaseException) else None
+    protocol = context.get("protocol")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        message = "out of descriptors: " + message
+    _log_exception(worker, message, error)
+    if isinstance(protocol, UpstreamProtocol):
+        protocol = protocol.owner
+    if isinstance(protocol, ClientProtocol):
+        protocol.crashed(None)
+
+
 # -------------------------------------------------------------------- worker entry point
 
 
@@ -671,6 +876,7 @@ async def _serve(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     worker = WorkerState(snapshot, loop)
+    loop.set_exception_handler(functools.partial(_on_loop_exception, worker))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides; Ctrl-C reaches it
@@ -856,6 +1062,7 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
             pool.retire()
     for name, spec in snapshot.upstreams.items():
         if name not in worker.pools:
+            worker.metrics.prepare_upstream(name)
             worker.pools[name] = UpstreamPool(spec, worker.loop)
     for name in changes.close:
         closing = worker.listeners.pop(name, None)
@@ -874,4 +1081,5 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     worker.listeners.update(servers)
     worker.leg_class = leg_class_for(snapshot.http_parser)
     worker.default_hosts = snapshot.default_hosts
+    worker.client_capacity = snapshot.client_capacity(worker.nofile)
     worker.snapshot = snapshot

@@ -27,6 +27,7 @@ from support.client import (
     ConnectionClosedError,
     HttpConnection,
     WebSocketClient,
+    assert_error,
     build_request,
     get,
     host_of,
@@ -375,7 +376,9 @@ def test_connections_per_client_over_limit_closed_at_once(
         for index, conn in enumerate(conns):
             assert conn.get(f"/api/1/devices/{index}").status == 200
         with HttpConnection(port, timeout=WAIT_S) as fourth:
-            assert fourth.wait_closed(WAIT_S), "the fourth connection is closed without a reply"
+            # nginx limit_conn's answer: 503, then the connection closes
+            assert_error(fourth.read_response(), 503, "overloaded")
+            assert fourth.wait_closed(WAIT_S), "the fourth connection is closed after the 503"
         for index, conn in enumerate(conns):
             assert conn.get(f"/api/1/devices/{index}-again").status == 200
         conns[0].close()

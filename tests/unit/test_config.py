@@ -166,9 +166,12 @@ def test_config_built_in_default_is_the_cobrowse_preset_on_loopback() -> None:
     assert agent.fallback == Rule(
         name="fallback", prefix=b"", action=Action.REWRITE, rewrite_to=b"/index.html"
     )
+    # the per-client cap is on where the public connects, off where agents share a NAT address
+    assert sdk.limits == Limits()
+    assert sdk.limits.max_connections_per_client == 256
+    assert agent.limits == Limits(max_connections_per_client=0)
     for listener in (sdk, agent):
         assert listener.mode is Mode.ENFORCE
-        assert listener.limits == Limits()
         assert listener.refused_methods == frozenset({b"TRACE", b"CONNECT"})
         assert listener.keep_headers == frozenset()
         assert all(rule.max_body_bytes == 64 * MIB for rule in listener.rules)
@@ -975,3 +978,27 @@ def test_config_httptools_parser_selected(tmp_path: Path) -> None:
     path = tmp_path / "fastproxy.toml"
     path.write_text('http_parser = "httptools"\n' + BASE)
     assert load_config(str(path)).http_parser is HttpParser.HTTPTOOLS
+
+
+def test_config_per_client_cap_defaults_by_policy_and_can_be_set() -> None:
+    text = """
+    [upstreams.app]
+    servers = ["127.0.0.1:9000"]
+    [listeners.public]
+    bind = "127.0.0.1:8080"
+    policy = "cobrowse-sdk"
+    [listeners.office]
+    bind = "127.0.0.1:8081"
+    policy = "cobrowse-agent"
+    [listeners.office2]
+    bind = "127.0.0.1:8082"
+    policy = "cobrowse-agent"
+    limits = { max_connections_per_client = 40 }
+    [listeners.public2]
+    bind = "127.0.0.1:8083"
+    policy = "cobrowse-sdk"
+    limits = { max_connections_per_client = 0 }
+    """
+    listeners = parse_config(tomllib.loads(textwrap.dedent(text)), "f.toml").listeners
+    caps = {name: lis.limits.max_connections_per_client for name, lis in listeners.items()}
+    assert caps == {"public": 256, "office": 0, "office2": 40, "public2": 0}

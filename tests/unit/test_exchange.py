@@ -349,9 +349,20 @@ def test_a_response_body_that_stalls_resets_the_client() -> None:
     h.send(GET)
     assert timer(h) is Timer.UPSTREAM_READ
     h.advance(h.upstreams[0].config.read_timeout_s)
-    # the head and part of the body are out: all that is left is to cut the connection
-    assert statuses(h) == [200] and h.effects.closed == "abort"
+    # the head and part of the body are out: all that is left is to cut the connection; the
+    # request is reported as the upstream's failure, not as the 200 its head said
+    assert [(r.status, r.code) for r in h.records] == [(504, "upstream_timeout")]
+    assert h.effects.closed == "abort"
     assert h.effects.errors[-1][1] == "upstream_timeout"
+
+
+def test_a_response_the_upstream_cuts_off_is_reported_as_truncated() -> None:
+    h = harness(respond=lambda conn: b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    h.send(GET)
+    h.upstreams[0].lose()
+    assert [(r.status, r.code) for r in h.records] == [(502, "upstream_truncated")]
+    assert h.effects.closed == "abort"
+    assert h.effects.errors[-1][1] == "upstream_truncated"
 
 
 # -- WebSocket switch ---------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def isolated_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let a test call ``log.setup``; put the loggers and ``log.access`` back afterwards."""
     monkeypatch.setattr(log, "access", None)  # a writer left by another test is not ours to close
     monkeypatch.setattr(log, "_installed", [])
-    loggers = [logging.getLogger(log.APP_LOGGER)]
+    loggers = [logging.getLogger(log.APP_LOGGER), logging.getLogger("asyncio")]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
     if log.access is not None:
@@ -416,3 +416,29 @@ def test_setup_stdout_is_not_counted_by_reopen(capfd: pytest.CaptureFixture[str]
     log.access.write({"path": "/a"})
     assert log.reopen() == 0
     assert orjson.loads(capfd.readouterr().out)["path"] == "/a"  # reopen flushed it
+
+
+def test_throttle_one_line_per_key_per_interval_with_the_count_left_out() -> None:
+    throttle = log.Throttle(10.0)
+    assert throttle.check("a", 100.0) == 0
+    assert throttle.check("a", 101.0) is None
+    assert throttle.check("a", 105.0) is None
+    assert throttle.check("b", 105.0) == 0  # keys are independent
+    assert throttle.check("a", 110.5) == 2  # the two left out, on the next line written
+    assert throttle.check("a", 111.0) is None
+    assert throttle.check("a", 121.0) == 1
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_setup_sends_asyncio_records_as_json_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only the handler this setup installs (another test's may write to a closed stream)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "handlers", [])
+    log.setup("info")
+    logging.getLogger("asyncio").error("Fatal error on transport", exc_info=ValueError("x"))
+    lines = capsys.readouterr().err.splitlines()
+    record = orjson.loads(lines[-1])
+    assert record["logger"] == "asyncio" and record["level"] == "ERROR"
+    assert "ValueError: x" in record["exc"]
+    assert len(lines) == 1, lines  # one JSON line, no plain-text traceback after it

@@ -8,7 +8,7 @@ import tomllib
 
 from fastproxy.config import Address, Config, HttpParser, load_config, parse_config
 from fastproxy.policy import Action
-from fastproxy.runtime import Snapshot, diff
+from fastproxy.runtime import FD_RESERVE, Snapshot, diff
 
 BASE = """
 [upstreams.app]
@@ -126,3 +126,12 @@ def test_runtime_routes_show_the_port_of_an_https_redirect() -> None:
         plan for plan in listeners.values() if plan["fallback"]["action"] == "redirect_https"
     ]
     assert redirecting["fallback"]["https_port"] == 443
+
+
+def test_runtime_client_capacity_counts_two_descriptors_per_client() -> None:
+    snapshot = Snapshot.build(_config(BASE), 1)
+    # 32 idle keep-alives of the one server and FD_RESERVE come off first
+    assert snapshot.client_capacity(FD_RESERVE + 32 + 200) == 100
+    assert snapshot.client_capacity(FD_RESERVE + 32 + 201) == 100
+    assert snapshot.client_capacity(10) == 0
+    assert snapshot.max_clients() == 10_000
