@@ -341,7 +341,12 @@ class ClientProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- upstream callbacks
 
     def on_upstream_ready(self, conn: UpstreamProtocol) -> None:
-        self.exchange.upstream_ready(conn, time.monotonic())
+        now = time.monotonic()
+        self.exchange.upstream_ready(conn, now)
+        if conn.transport is None:
+            # lost before it was handed over, e.g. a TLS 1.3 upstream refusing the client
+            # certificate right after the handshake: what a loss after it would be
+            self.exchange.upstream_lost(now)
 
     def on_upstream_failed(self, code: str) -> None:
         self.exchange.upstream_failed(code)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -129,8 +130,10 @@ class _Reset(Exception):
 class RecordingUpstream:
     """Start with ``start()``, stop with ``stop()``; the fixture ``upstream`` does both."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
+        #: a server context: the upstream speaks TLS (tests of upstream TLS)
+        self.ssl_context = ssl_context
         self.port = 0
         #: unexpected exceptions inside the server; a test's teardown fails if any are left
         self.errors: list[BaseException] = []
@@ -227,7 +230,7 @@ class RecordingUpstream:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, 0)
+        server = await asyncio.start_server(self._handle, self.host, 0, ssl=self.ssl_context)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         await self._stopping.wait()
