@@ -42,6 +42,7 @@ import signal
 import socket
 import ssl
 import struct
+import sys
 import termios
 import time
 import tomllib
@@ -779,6 +780,25 @@ class TlsHandshake(asyncio.Protocol):
         self.done()
 
 
+def _quiet_server_names(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], None]:
+    """``sys.unraisablehook`` without the SNI names Python cannot decode.
+
+    The ssl module decodes the name a client sends before calling ``sni_callback``; a name
+    that is not ASCII fails the handshake (as it should: RFC 6066 names are A-labels) and is
+    reported as an "Exception ignored" traceback on stderr, one per handshake, which any client
+    could repeat at will. Those are dropped; every other unraisable error goes on as before.
+    """
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, UnicodeError) and isinstance(unraisable.object, bytes):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 # -------------------------------------------------------------------- worker entry point
 
 
@@ -798,6 +818,7 @@ def run(
     """
     import uvloop
 
+    sys.unraisablehook = _quiet_server_names(sys.unraisablehook)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     snapshot = Snapshot.build(config, generation)

@@ -435,6 +435,24 @@ def test_tls_plaintext_and_garbage_are_closed_and_disturb_no_one(
             sock.close()
 
 
+def test_tls_undecodable_server_names_fail_quietly(factory: ProxyFactory, ca: Authority) -> None:
+    proxy = tls_proxy(factory, ca.issue("sdk.example"))
+    port = proxy.sdk_port
+    for name in (b"a\xffb.example", "caf\u00e9.example".encode()):
+        result = subprocess.run(
+            [b"openssl", b"s_client", b"-connect", b"127.0.0.1:%d" % port, b"-servername", name],
+            input=b"",
+            capture_output=True,
+            timeout=TOOL_TIMEOUT_S,
+        )
+        assert b"Cipher is (NONE)" in result.stdout or result.returncode != 0
+    # the server answers the next client, and wrote no traceback per refused name
+    with https(port, ca) as conn:
+        assert conn.get("/api/1/devices").status == 200
+    stderr = proxy.stderr_path.read_text(errors="replace")
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr
+
+
 def test_tls_unfinished_handshakes_time_out_and_count_per_client(
     factory: ProxyFactory, ca: Authority
 ) -> None:
