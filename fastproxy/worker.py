@@ -139,6 +139,7 @@ class _SslProtocolFactory(Protocol):
         server_hostname: str | None = ...,
         call_connection_made: bool = ...,
         ssl_handshake_timeout: float | None = ...,
+        ssl_shutdown_timeout: float | None = ...,
     ) -> asyncio.BufferedProtocol: ...
 
 
@@ -741,6 +742,8 @@ class TlsHandshake(asyncio.Protocol):
             server_side=True,
             call_connection_made=True,
             ssl_handshake_timeout=server_tls.handshake_timeout_s,
+            # a close waits this long at most for the client's close_notify (default 30 s)
+            ssl_shutdown_timeout=server_tls.handshake_timeout_s,
         )
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
