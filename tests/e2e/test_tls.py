@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ from support.certs import Authority, Pair, san_names
 from support.client import (
     HttpConnection,
     WebSocketClient,
+    WebSocketClosedError,
     build_request,
     host_of,
 )
@@ -453,21 +455,22 @@ def test_tls_undecodable_server_names_fail_quietly(factory: ProxyFactory, ca: Au
     assert "Exception ignored" not in stderr and "Traceback" not in stderr
 
 
-def test_tls_unfinished_handshakes_time_out_and_count_per_client(
-    factory: ProxyFactory, ca: Authority
+@pytest.mark.parametrize("limit", ["max_connections_per_client", "max_connections"])
+def test_tls_unfinished_handshakes_time_out_and_count_against_the_limits(
+    factory: ProxyFactory, ca: Authority, limit: str
 ) -> None:
     proxy = tls_proxy(
         factory,
         ca.issue("sdk.example"),
         tls={"handshake_timeout_s": 2.0},
-        sdk={"limits": {"max_connections_per_client": 3}},
+        sdk={"limits": {limit: 3}},
     )
     port = proxy.sdk_port
     silent = [socket.create_connection(("127.0.0.1", port), timeout=10.0) for _ in range(3)]
     try:
         started = time.monotonic()
         time.sleep(0.3)  # accepted by the worker
-        # the cap of 3 is full of handshakes: a 4th connection from this address is closed
+        # the cap of 3 is full of handshakes: a 4th connection is closed
         with pytest.raises((ssl.SSLError, OSError)):
             https(port, ca).close()
         # the silent ones are closed after the handshake timeout, not before
@@ -557,3 +560,29 @@ def test_tls_to_upstreams_verify_ca_server_name_and_client_cert(
         full = {"ca": str(ca.ca_file), "server_name": "backend.example", **client_pair.table()}
         assert answer(full) == 200
     assert not backend.errors
+
+
+def test_tls_drain_closes_websockets_with_1001_and_exits(
+    factory: ProxyFactory, ca: Authority
+) -> None:
+    pair = ca.issue("sdk.example")
+    proxy = factory(
+        overrides={"graceful_timeout_s": 4.0, "listeners": {"sdk": {"tls": pair.table()}}}
+    )
+    with (
+        WebSocketClient(
+            proxy.sdk_port, "/sockets/1/d", tls=ca.client_context(), server_name="sdk.example"
+        ) as ws,
+        https(proxy.sdk_port, ca) as idle,
+    ):
+        assert idle.get("/api/1/devices").status == 200
+        ws.send_text("before")
+        assert ws.recv() == "before"
+        proxy.process.send_signal(signal.SIGTERM)
+        # the idle keep-alive connection is closed, the WebSocket gets its Close 1001
+        assert idle.wait_closed(10.0)
+        with pytest.raises(WebSocketClosedError) as closed:
+            while True:
+                ws.recv()
+        assert closed.value.code == 1001
+    assert proxy.process.wait(20.0) == 0
