@@ -204,6 +204,25 @@ def test_tls_spec_example_serves_https_with_curl(
         process.wait(TOOL_TIMEOUT_S)
 
 
+@contextlib.contextmanager
+def tls_backend(context: ssl.SSLContext, factory: ProxyFactory) -> Iterator[RecordingUpstream]:
+    """A recording upstream speaking TLS. The proxies stop first: a connection whose handshake
+    is under way when the backend's loop closes would be left unclosed (the server tracks
+    connections only once their handshake is done)."""
+    backend = RecordingUpstream(ssl_context=context)
+    backend.start()
+    try:
+        yield backend
+    finally:
+        factory.stop_all()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not all(c.closed for c in backend.connections()):
+            time.sleep(0.05)
+        time.sleep(0.2)  # the proxies' sockets are gone; the backend's loop closes the rest
+        backend.stop()
+    assert not backend.errors
+
+
 # -- termination ----------------------------------------------------------------------------------
 
 
@@ -330,9 +349,7 @@ def test_tls_forwarding_fields_and_host_check_say_https(
 def test_tls_websocket_on_both_listeners_to_a_tls_upstream(
     factory: ProxyFactory, ca: Authority
 ) -> None:
-    backend = RecordingUpstream(ssl_context=ca.server_context("backend.example"))
-    backend.start()
-    try:
+    with tls_backend(ca.server_context("backend.example"), factory) as backend:
         proxy = tls_proxy(
             factory,
             ca.issue("sdk.example"),
@@ -351,9 +368,6 @@ def test_tls_websocket_on_both_listeners_to_a_tls_upstream(
                 assert ws.recv() == b"\x00\x01"
                 assert ws.close() == 1000
         assert sum(len(c.ws_messages) for c in backend.connections()) == 6
-    finally:
-        backend.stop()
-    assert not backend.errors
 
 
 # -- reload ---------------------------------------------------------------------------------------
@@ -518,21 +532,11 @@ def test_tls_slow_handshakes_delay_no_one(factory: ProxyFactory, ca: Authority) 
 # -- upstream TLS ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def tls_backend(context: ssl.SSLContext) -> Iterator[RecordingUpstream]:
-    backend = RecordingUpstream(ssl_context=context)
-    backend.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
-
-
 def test_tls_to_upstreams_verify_ca_server_name_and_client_cert(
     factory: ProxyFactory, ca: Authority
 ) -> None:
     server_context = ca.server_context("backend.example")
-    with tls_backend(server_context) as backend:
+    with tls_backend(server_context, factory) as backend:
         proxy = factory(servers=[backend.address])
         document = proxy.document
         generation = 1
@@ -559,7 +563,6 @@ def test_tls_to_upstreams_verify_ca_server_name_and_client_cert(
         client_pair = ca.issue("proxy.example")
         full = {"ca": str(ca.ca_file), "server_name": "backend.example", **client_pair.table()}
         assert answer(full) == 200
-    assert not backend.errors
 
 
 def test_tls_drain_closes_websockets_with_1001_and_exits(

@@ -263,7 +263,10 @@ class RecordingUpstream:
             record.closed = True
             writer.close()
             try:
-                with contextlib.suppress(OSError):  # ConnectionError included: the peer left first
+                # OSError (ConnectionError included): the peer left first. CancelledError:
+                # ``stop()`` while a TLS close waits for the peer's close_notify; the handler
+                # ends normally, as above
+                with contextlib.suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
             finally:
                 self._tasks.discard(task)
