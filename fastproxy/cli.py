@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 
-from fastproxy import __version__, config, log
+from fastproxy import __version__, config, log, tls
 from fastproxy.config import Address, Config, ListenerConfig
 from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
 from fastproxy.exchange import Admission, Verdict, admit
@@ -216,12 +216,19 @@ def _load(path: str | None) -> Config:
         raise ConfigError(f"cannot read the file: {err.strerror or err}", where=path or "") from err
 
 
+def _load_checked(path: str | None) -> Config:
+    """``_load``, then every TLS file read and checked as the workers will (``tls.build``)."""
+    cfg = _load(path)
+    tls.build(cfg)
+    return cfg
+
+
 def cmd_run(
     path: str | None, workers: int | None, log_level: str, access_log: str | None = None
 ) -> int:
     """``fastproxy run``: load, set up logging, and supervise the workers until stopped."""
     try:
-        cfg = _load(path)
+        cfg = _load_checked(path)
     except ConfigError as err:
         _error(str(err))
         return EXIT_CONFIG
@@ -252,7 +259,7 @@ def _run_master(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
 def cmd_check(path: str | None, *, quiet: bool) -> int:
     """``fastproxy check``: 0 and a summary when the configuration is valid, 1 and why if not."""
     try:
-        cfg = _load(path)
+        cfg = _load_checked(path)
     except ConfigError as err:
         _error(str(err))
         return EXIT_FAILURE

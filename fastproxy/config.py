@@ -25,14 +25,16 @@ Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`
 
 - ``[upstreams.NAME]``: ``servers`` (``"host:port"``, a host name or IP, IPv6 as ``"[::1]:8000"``;
   at least one), ``balance``, ``keepalive`` and the ``*_timeout_s`` of ``UpstreamConfig``.
-  ``tls`` is a known key that is rejected: TLS to upstreams is not supported yet.
+  ``tls`` (``true`` or a table ``{ca, verify, server_name, cert, key}``, ``UpstreamTls``).
 - ``[listeners.NAME]``: ``bind`` (an IP literal and port; names are never resolved here; port 0
   lets the kernel choose and never conflicts), ``policy``, ``upstream`` (may be left out when
   there is exactly one upstream), ``mode``, ``limits`` (a table of ``Limits`` fields),
   ``trusted_proxies``, ``keep_headers``, ``forwarded_header``, ``websocket_mode``,
-  ``refused_methods``. ``tls = {cert, key}`` is validated, then rejected: TLS termination is not
-  supported yet. Two listeners (or a listener and admin) may not bind overlapping addresses
-  (same port, same address or a wildcard of the same family).
+  ``refused_methods``, ``tls`` (``{cert, key, certificates = [{cert, key}, ...], min_version,
+  handshake_timeout_s}``, ``TlsConfig``; the files are read and checked by ``tls.py``, which
+  ``fastproxy check``, the master and the workers run). Two listeners (or a listener and
+  admin) may not bind overlapping addresses (same port, same address or a wildcard of the same
+  family).
 - ``[policies.NAME]``: ``extends`` (a preset policy or an own policy defined earlier in the file),
   ``fallback`` (``"deny"`` | ``"forward"`` | ``"redirect_https"`` | a table ``{action,
   rewrite_to, upstream, max_body_bytes, https_port}``; default: inherited, else ``"deny"``) and
@@ -140,9 +142,43 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class TlsConfig:
+class CertKey:
+    """A certificate (PEM, its chain after it) and its private key (PEM, not encrypted)."""
+
     cert: str
     key: str
+
+
+#: ``min_version`` values a listener accepts
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS termination on a listener. The files are read by ``tls.py``, not here."""
+
+    #: the default certificate: clients without SNI, or with a name no certificate holds
+    cert: str
+    key: str
+    #: more certificates, chosen by SNI against the DNS names of their subjectAltName
+    certificates: tuple[CertKey, ...] = ()
+    min_version: str = "1.2"
+    #: a connection whose handshake has not finished this long after accept is closed
+    handshake_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS to the servers of an upstream (``tls = true`` is all defaults)."""
+
+    #: PEM file of the CAs to trust; None: the system's store
+    ca: str | None = None
+    verify: bool = True
+    #: SNI and the name checked in the certificate; None: the server's host
+    server_name: str | None = None
+    #: a client certificate and its key
+    cert: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +240,7 @@ class UpstreamConfig:
     first_byte_timeout_s: float = 60.0
     #: time an upstream may stay silent in the middle of a response body
     read_timeout_s: float = 60.0
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1016,8 +1053,6 @@ def _upstream(name: str, value: object, where: str) -> UpstreamConfig:
     _name(name, where)
     table = _table(value, where)
     _keys(table, where, _UPSTREAM_KEYS, required=("servers",))
-    if "tls" in table:
-        raise _bad(_join(where, "tls"), "TLS to upstreams is not supported yet", table["tls"])
     servers_where = _join(where, "servers")
     items = _list(table["servers"], servers_where)
     if not items:
@@ -1047,6 +1082,7 @@ def _upstream(name: str, value: object, where: str) -> UpstreamConfig:
             table, "first_byte_timeout_s", where, defaults.first_byte_timeout_s
         ),
         read_timeout_s=_get_seconds(table, "read_timeout_s", where, defaults.read_timeout_s),
+        tls=_upstream_tls(table["tls"], _join(where, "tls")) if "tls" in table else None,
     )
 
 
@@ -1071,16 +1107,7 @@ def _listener(
     _keys(table, where, _LISTENER_KEYS, required=("bind", "policy"))
     bind = _bind_address(table["bind"], _join(where, "bind"))
 
-    tls: TlsConfig | None = None
-    if "tls" in table:
-        tls_where = _join(where, "tls")
-        _tls(table["tls"], tls_where)  # checked first, so a wrong key is reported as such
-        raise _bad(
-            tls_where,
-            "TLS termination is not supported yet",
-            table["tls"],
-            hint="terminate TLS in front of fastproxy, or remove the tls key",
-        )
+    tls = _tls(table["tls"], _join(where, "tls")) if "tls" in table else None
 
     policy_where = _join(where, "policy")
     policy_name = _str(table["policy"], policy_where)
@@ -1147,12 +1174,93 @@ def _listener(
     )
 
 
-def _tls(value: object, where: str) -> TlsConfig:
+_TLS_KEYS = ("cert", "key", "certificates", "min_version", "handshake_timeout_s")
+_UPSTREAM_TLS_KEYS = ("ca", "verify", "server_name", "cert", "key")
+
+
+def _file(table: Table, key: str, where: str) -> str:
+    key_where = _join(where, key)
+    text = _str(table[key], key_where)
+    if not text or "\0" in text:
+        raise _bad(key_where, "expected a file name", text)
+    return text
+
+
+def _cert_key(value: object, where: str) -> CertKey:
     table = _table(value, where)
     _keys(table, where, ("cert", "key"), required=("cert", "key"))
-    return TlsConfig(
-        cert=_str(table["cert"], _join(where, "cert")), key=_str(table["key"], _join(where, "key"))
+    return CertKey(cert=_file(table, "cert", where), key=_file(table, "key", where))
+
+
+def _tls(value: object, where: str) -> TlsConfig:
+    """A listener's ``tls`` table; the files themselves are checked by ``tls.py``."""
+    table = _table(value, where)
+    _keys(table, where, _TLS_KEYS, required=("cert", "key"))
+    default = _cert_key({"cert": table["cert"], "key": table["key"]}, where)
+    certs_where = _join(where, "certificates")
+    certificates = tuple(
+        _cert_key(item, f"{certs_where}[{index}]")
+        for index, item in enumerate(_list(table.get("certificates", []), certs_where))
     )
+    min_version = "1.2"
+    if "min_version" in table:
+        version_where = _join(where, "min_version")
+        min_version = _str(table["min_version"], version_where)
+        if min_version not in TLS_VERSIONS:
+            raise _bad(
+                version_where,
+                "unknown TLS version",
+                table["min_version"],
+                hint='"1.2" or "1.3"; TLS 1.0 and 1.1 are never accepted',
+            )
+    timeout = _get_seconds(table, "handshake_timeout_s", where, 10.0)
+    return TlsConfig(default.cert, default.key, certificates, min_version, timeout)
+
+
+def _upstream_tls(value: object, where: str) -> UpstreamTls | None:
+    """An upstream's ``tls``: ``true``, ``false`` or a table of ``UpstreamTls`` fields."""
+    if value is True:
+        return UpstreamTls()
+    if value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise _bad(where, "expected true, false or a table", value)
+    table = _table(value, where)
+    _keys(table, where, _UPSTREAM_TLS_KEYS)
+    if ("cert" in table) != ("key" in table):
+        missing = "key" if "cert" in table else "cert"
+        raise _missing(where, missing, hint="a client certificate needs both cert and key")
+    server_name = None
+    if "server_name" in table:
+        name_where = _join(where, "server_name")
+        server_name = _str(table["server_name"], name_where).lower()
+        if len(server_name) > 253 or not _HOSTNAME_RE.fullmatch(server_name):
+            raise _bad(name_where, "not a host name", table["server_name"])
+    return UpstreamTls(
+        ca=_file(table, "ca", where) if "ca" in table else None,
+        verify=_get_bool(table, "verify", where, True),
+        server_name=server_name,
+        cert=_file(table, "cert", where) if "cert" in table else None,
+        key=_file(table, "key", where) if "key" in table else None,
+    )
+
+
+def _dump_tls(tls: TlsConfig) -> dict[str, object]:
+    items: dict[str, object] = {"cert": tls.cert, "key": tls.key}
+    if tls.certificates:
+        items["certificates"] = [{"cert": c.cert, "key": c.key} for c in tls.certificates]
+    items["min_version"] = tls.min_version
+    items["handshake_timeout_s"] = tls.handshake_timeout_s
+    return items
+
+
+def _dump_upstream_tls(tls: UpstreamTls) -> dict[str, object]:
+    items: dict[str, object] = {"verify": tls.verify}
+    for key in ("ca", "server_name", "cert", "key"):
+        value = getattr(tls, key)
+        if value is not None:
+            items[key] = value
+    return items
 
 
 def _compile(rules: tuple[Rule, ...], fallback: Rule, where: str) -> None:
@@ -1305,6 +1413,7 @@ def _dump(config: Config) -> str:
                 ("connect_timeout_s", up.connect_timeout_s),
                 ("first_byte_timeout_s", up.first_byte_timeout_s),
                 ("read_timeout_s", up.read_timeout_s),
+                *([("tls", _dump_upstream_tls(up.tls))] if up.tls is not None else []),
             ],
         )
     policies: dict[str, list[ListenerConfig]] = {}
@@ -1317,7 +1426,7 @@ def _dump(config: Config) -> str:
             ("mode", lis.mode.value),
         ]
         if lis.tls is not None:
-            items.append(("tls", {"cert": lis.tls.cert, "key": lis.tls.key}))
+            items.append(("tls", _dump_tls(lis.tls)))
         items += [
             ("trusted_proxies", [str(n) for n in lis.trusted_proxies]),
             ("forwarded_header", lis.forwarded_header),

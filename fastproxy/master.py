@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import NoReturn
 
-from fastproxy import control, log, metrics, systemd
+from fastproxy import control, log, metrics, systemd, tls
 from fastproxy.config import Address, Config, dump_config
 from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, ConfigError, FastproxyError, HaltServer
 from fastproxy.runtime import Snapshot, diff
@@ -441,6 +441,7 @@ class Master:
         try:
             config = self._loader()
             snapshot = Snapshot.build(config, generation)
+            tls.build(config)  # the certificates as the workers will read them
             changes = diff(self._snapshot, snapshot)
             if changes.admin:
                 raise ConfigError(

@@ -40,6 +40,9 @@ FD_RESERVE = 64
 #: what a listener without TLS calls itself in X-Forwarded-Proto and in Host checks
 HTTP_SCHEME = b"http"
 HTTP_DEFAULT_PORT = b"80"
+#: the same for a listener with TLS
+HTTPS_SCHEME = b"https"
+HTTPS_DEFAULT_PORT = b"443"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -75,8 +78,8 @@ class ListenerPlan:
             refused_methods=config.refused_methods,
             keep_headers=config.keep_headers,
             forwarded_header=config.forwarded_header,
-            scheme=HTTP_SCHEME,
-            default_port=HTTP_DEFAULT_PORT,
+            scheme=HTTP_SCHEME if config.tls is None else HTTPS_SCHEME,
+            default_port=HTTP_DEFAULT_PORT if config.tls is None else HTTPS_DEFAULT_PORT,
         )
 
 
@@ -120,6 +123,7 @@ class Snapshot:
                     "mode": plan.config.mode.value,
                     "upstream": plan.upstream,
                     "websocket_mode": plan.config.websocket_mode.value,
+                    "tls": plan.config.tls is not None,
                     "rules": [_rule(rule) for rule in plan.table.rules],
                     "fallback": _rule(plan.table.fallback),
                 }

@@ -25,6 +25,7 @@ from typing import Protocol, cast
 
 from fastproxy.config import Balance, UpstreamConfig
 from fastproxy.http1 import UpstreamLeg
+from fastproxy.tls import for_upstream
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,14 @@ class UpstreamPool:
 
     def _connect(self, server: Server, owner: UpstreamOwner) -> None:
         loop = self.loop
-        coro = loop.create_connection(lambda: UpstreamProtocol(server), server.host, server.port)
+        context, server_name = for_upstream(self.config, server.host)
+        coro = loop.create_connection(
+            lambda: UpstreamProtocol(server),
+            server.host,
+            server.port,
+            ssl=context,
+            server_hostname=server_name,
+        )
         task = loop.create_task(asyncio.wait_for(coro, self.config.connect_timeout_s))
 
         def done(task: asyncio.Task[tuple[asyncio.BaseTransport, UpstreamProtocol]]) -> None:

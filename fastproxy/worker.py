@@ -1,7 +1,7 @@
 """One worker process: a uvloop event loop serving every listener with callbacks.
 
 [I/O] Imports everything below it (errors, config, exchange, http1, wsrelay, upstream, deadlines,
-metrics, log, admin). Runs only in a child forked by the master.
+metrics, log, admin, tls). Runs only in a child forked by the master.
 
 Theory of operation
 -------------------
@@ -28,6 +28,12 @@ handler (``_on_loop_exception``) and the connection it belongs to is ended (``cr
 connections are counted and logged at WARNING, at most one line per key per
 ``LOG_INTERVAL_S`` (``log.Throttle``).
 
+TLS listeners: the server accepts a ``TlsHandshake`` instead of a ``ClientProtocol``. It counts
+the client against the listener's limits at once and runs the handshake (the event loop's
+``SSLProtocol``, with the listener's handshake timeout) on the context of the generation current
+at accept; when it completes, a ``TlsClientProtocol`` (a ``ClientProtocol`` that takes the count
+over) starts on the TLS transport. A plain listener's path is unchanged.
+
 Invariants: the pure modules never read a clock; a connection has one deadline armed at a time
 (the exchange's or the tunnel's); a cycle pins its ``ListenerPlan`` (in the exchange) and its
 upstream pool (``ClientProtocol.pool``), so a reload never changes a request under way.
@@ -36,6 +42,7 @@ upstream pool (``ClientProtocol.pool``), so a reload never changes a request und
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import errno
 import fcntl
@@ -45,16 +52,18 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import struct
+import sys
 import termios
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 
-from fastproxy import admin, control, log
+from fastproxy import admin, control, log, tls
 from fastproxy.config import Config, HttpParser, Limits, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import INTERNAL_ERROR, OVERLOADED, ConfigError
@@ -98,11 +107,13 @@ class Listener:
     __slots__ = (
         "conn_gauge",
         "connections",
+        "handshakes",
         "name",
         "per_client",
         "plan",
         "retired",
         "server",
+        "tls",
         "ws_gauge",
     )
 
@@ -113,6 +124,10 @@ class Listener:
         #: removed by a reload: no longer accepting; its connections end after their request
         self.retired = False
         self.connections: set[ClientProtocol] = set()
+        #: TLS: the current generation's contexts (None: a plain listener); set by the worker
+        self.tls: tls.ServerTls | None = None
+        #: TLS connections whose handshake is under way (counted in ``per_client`` too)
+        self.handshakes: set[TlsHandshake] = set()
         self.per_client: dict[bytes, int] = {}
         self.conn_gauge = metrics.connection_gauge(plan.name)
         self.ws_gauge = metrics.websocket_gauge(plan.name)
@@ -127,12 +142,46 @@ def leg_class_for(parser: HttpParser) -> Callable[[int], ClientLeg]:
     return ServerLeg
 
 
+class _SslProtocolFactory(Protocol):
+    def __call__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_protocol: asyncio.BaseProtocol,
+        sslcontext: ssl.SSLContext,
+        waiter: asyncio.Future[None],
+        server_side: bool = ...,
+        server_hostname: str | None = ...,
+        call_connection_made: bool = ...,
+        ssl_handshake_timeout: float | None = ...,
+        ssl_shutdown_timeout: float | None = ...,
+    ) -> asyncio.BufferedProtocol: ...
+
+
+def ssl_protocol_for(loop: asyncio.AbstractEventLoop) -> _SslProtocolFactory:
+    """The TLS protocol of ``loop``'s implementation: uvloop's own on a uvloop loop."""
+    import uvloop
+    import uvloop.loop
+
+    if isinstance(loop, uvloop.Loop):
+        return cast(_SslProtocolFactory, uvloop.loop.SSLProtocol)  # type: ignore[attr-defined]
+    return cast(_SslProtocolFactory, asyncio.sslproto.SSLProtocol)
+
+
 class WorkerState:
     """Shared by every connection of the worker: the current snapshot and what it runs on."""
 
-    def __init__(self, snapshot: Snapshot, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        loop: asyncio.AbstractEventLoop,
+        contexts: tls.Contexts | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.loop = loop
+        if contexts is None:
+            contexts = tls.build(snapshot.config)
+        tls.install_upstream_contexts(contexts)
+        self.ssl_protocol = ssl_protocol_for(loop)
         self.metrics = WorkerMetrics()
         for name in snapshot.upstreams:
             self.metrics.prepare_upstream(name)
@@ -146,6 +195,8 @@ class WorkerState:
         self.listeners = {
             name: Listener(plan, self.metrics) for name, plan in snapshot.listeners.items()
         }
+        for name, listener in self.listeners.items():
+            listener.tls = contexts.listeners.get(name)
         #: listeners a reload removed, kept while their connections finish
         self.retired_listeners: list[Listener] = []
         self.draining = False
@@ -336,7 +387,12 @@ class ClientProtocol(asyncio.Protocol):
         # loop's handler with no connection to end, so it is caught here (as for every
         # callback this class is entered through outside its transport's)
         try:
-            self.exchange.upstream_ready(conn, time.monotonic())
+            now = time.monotonic()
+            self.exchange.upstream_ready(conn, now)
+            if conn.transport is None:
+                # lost before it was handed over, e.g. a TLS 1.3 upstream refusing the client
+                # certificate right after the handshake: what a loss after it would be
+                self.exchange.upstream_lost(now)
         except Exception as exc:
             self.crashed(exc)
 
@@ -827,6 +883,130 @@ def _on_loop_exception(worker: WorkerState, loop: Any, context: dict[str, Any]) 
         protocol.crashed(None)
 
 
+class TlsClientProtocol(ClientProtocol):
+    """A ``ClientProtocol`` on a TLS transport: it takes over its handshake's count."""
+
+    __slots__ = ("handshake",)
+
+    def __init__(self, worker: WorkerState, listener: Listener, handshake: TlsHandshake) -> None:
+        super().__init__(worker, listener)
+        self.handshake = handshake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handshake.done()  # the client is counted again, as a connection, at once
+        super().connection_made(transport)
+
+
+class TlsHandshake(asyncio.Protocol):
+    """A connection on a TLS listener until its handshake ends.
+
+    Counted against the listener's ``max_connections`` and ``max_connections_per_client``
+    from accept; the event loop's ``SSLProtocol`` replaces it on the transport at once and
+    closes the connection when the handshake fails or takes longer than the listener's
+    ``handshake_timeout_s``. No task: the handshake's end is a future's callback.
+    """
+
+    __slots__ = ("counted", "listener", "peer", "server_tls", "transport", "worker")
+
+    def __init__(self, worker: WorkerState, listener: Listener, server_tls: tls.ServerTls) -> None:
+        self.worker = worker
+        self.listener = listener
+        #: the generation's contexts at accept: a reload does not change a handshake under way
+        self.server_tls = server_tls
+        self.peer = b""
+        self.counted = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        listener = self.listener
+        limits = listener.plan.limits
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b""
+        count = listener.per_client.get(self.peer, 0) + 1
+        listener.per_client[self.peer] = count
+        listener.handshakes.add(self)
+        self.counted = True
+        if len(listener.connections) + len(listener.handshakes) > limits.max_connections or (
+            limits.max_connections_per_client and count > limits.max_connections_per_client
+        ):
+            self.done()
+            transport.abort()
+            return
+        self.transport = transport
+        worker = self.worker
+        loop = worker.loop
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiter.add_done_callback(self._ended)
+        server_tls = self.server_tls
+        protocol = worker.ssl_protocol(
+            loop,
+            TlsClientProtocol(worker, listener, self),
+            server_tls.context,
+            waiter,
+            server_side=True,
+            call_connection_made=True,
+            ssl_handshake_timeout=server_tls.handshake_timeout_s,
+            # a close waits this long at most for the client's close_notify (default 30 s)
+            ssl_shutdown_timeout=server_tls.handshake_timeout_s,
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        # not reached: the TLS protocol replaced this one in connection_made
+        self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done()
+
+    def _ended(self, waiter: asyncio.Future[None]) -> None:
+        """The handshake completed (the client protocol took over) or failed (closed)."""
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed handshake is the client's business
+        self.done()
+        self.transport = None
+
+    def done(self) -> None:
+        """Stop counting this handshake (once)."""
+        if not self.counted:
+            return
+        self.counted = False
+        listener = self.listener
+        listener.handshakes.discard(self)
+        left = listener.per_client.get(self.peer, 1) - 1
+        if left:
+            listener.per_client[self.peer] = left
+        else:
+            listener.per_client.pop(self.peer, None)
+
+    def abort(self) -> None:
+        """Shutdown: give up a handshake under way."""
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        self.done()
+
+
+def _quiet_server_names(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], None]:
+    """``sys.unraisablehook`` without the SNI names Python cannot decode.
+
+    The ssl module decodes the name a client sends before calling ``sni_callback``; a name
+    that is not ASCII fails the handshake (as it should: RFC 6066 names are A-labels) and is
+    reported as an "Exception ignored" traceback on stderr, one per handshake, which any client
+    could repeat at will. Those are dropped; every other unraisable error goes on as before.
+    """
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, UnicodeError) and isinstance(unraisable.object, bytes):
+            return
+        previous(unraisable)
+
+    return hook
+
+
 # -------------------------------------------------------------------- worker entry point
 
 
@@ -846,11 +1026,13 @@ def run(
     """
     import uvloop
 
+    sys.unraisablehook = _quiet_server_names(sys.unraisablehook)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     snapshot = Snapshot.build(config, generation)
+    contexts = tls.build(config)  # the files as they are now; the master checked them
     try:
-        loop.run_until_complete(_serve(snapshot, sockets, admin_socket, channel_fd, loop))
+        loop.run_until_complete(_serve(snapshot, sockets, admin_socket, channel_fd, loop, contexts))
     finally:
         _flush_access_log()  # a clean stop (or a failure) loses no access record
         loop.close()
@@ -874,8 +1056,9 @@ async def _serve(
     admin_socket: socket.socket | None,
     channel_fd: int,
     loop: asyncio.AbstractEventLoop,
+    contexts: tls.Contexts | None = None,
 ) -> None:
-    worker = WorkerState(snapshot, loop)
+    worker = WorkerState(snapshot, loop, contexts)
     loop.set_exception_handler(functools.partial(_on_loop_exception, worker))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -973,6 +1156,8 @@ async def _drain(worker: WorkerState, heartbeat_fd: int) -> None:
     for listener in worker.every_listener():
         for conn in list(listener.connections):
             conn.abandon()
+        for handshake in list(listener.handshakes):
+            handshake.abort()
     for pool in worker.pools.values():
         pool.close_all()
     await asyncio.sleep(DRAIN_STEP_S)  # let the last answers go out
@@ -991,8 +1176,11 @@ def _close_all(sockets: dict[str, socket.socket]) -> None:
 
 
 async def _start_listener(worker: WorkerState, listener: Listener, sock: socket.socket) -> None:
-    def factory() -> ClientProtocol:
-        return ClientProtocol(worker, listener)
+    def factory() -> asyncio.Protocol:
+        server_tls = listener.tls
+        if server_tls is None:
+            return ClientProtocol(worker, listener)
+        return TlsHandshake(worker, listener, server_tls)
 
     listener.server = await worker.loop.create_server(factory, sock=sock, backlog=2048)
 
@@ -1028,6 +1216,7 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     try:
         config = parse_config(tomllib.loads(message.config), message.source)
         snapshot = Snapshot.build(config, message.generation)
+        contexts = tls.build(config)  # certificates re-read: new handshakes get the new ones
     except tomllib.TOMLDecodeError as err:
         _close_all(sockets)
         raise ConfigError(f"the configuration sent is not TOML: {err}", where="") from err
@@ -1046,6 +1235,7 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     try:
         for name in added:
             listener = Listener(snapshot.listeners[name], worker.metrics)
+            listener.tls = contexts.listeners.get(name)
             await _start_listener(worker, listener, sockets.pop(name))
             servers[name] = listener
     except OSError:
@@ -1078,6 +1268,8 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
         current = worker.listeners.get(name)
         if current is not None:
             current.plan = plan
+            current.tls = contexts.listeners.get(name)
+    tls.install_upstream_contexts(contexts)
     worker.listeners.update(servers)
     worker.leg_class = leg_class_for(snapshot.http_parser)
     worker.default_hosts = snapshot.default_hosts

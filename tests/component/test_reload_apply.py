@@ -10,9 +10,12 @@ import asyncio
 import socket
 import textwrap
 import tomllib
+from pathlib import Path
 
+import prometheus_client
 import pytest
 import uvloop
+from support.certs import Authority
 
 from fastproxy import control, worker
 from fastproxy.config import Config, dump_config, parse_config
@@ -71,5 +74,40 @@ def test_reload_apply_is_all_or_nothing() -> None:
         assert server is not None
         server.close()
         await server.wait_closed()
+
+    uvloop.run(scenario())
+
+
+def test_reload_apply_swaps_certificates_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a second WorkerState in this process: its metrics stay out of the global registry
+    monkeypatch.setattr(prometheus_client.REGISTRY, "register", lambda collector: None)
+    ca = Authority(tmp_path)
+    first, second = ca.issue("one.example"), ca.issue("two.example")
+    tls_line = f'tls = {{ cert = "{first.cert}", key = "{first.key}" }}\n'
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        state = worker.WorkerState(Snapshot.build(_config(BASE + tls_line), 1), loop)
+        listener = state.listeners["sdk"]
+        before = listener.tls
+        assert before is not None
+        # a key of another certificate: the worker refuses the generation and keeps its TLS
+        broken = BASE + f'tls = {{ cert = "{first.cert}", key = "{second.key}" }}\n'
+        reload = control.Reload(2, "fastproxy.toml", dump_config(_config(broken)), {})
+        with pytest.raises(ConfigError, match="the key does not match the certificate"):
+            await worker.apply_reload(state, reload)
+        assert listener.tls is before and state.snapshot.generation == 1
+        # the same files, new contents: a new ServerTls for new handshakes
+        text = dump_config(_config(BASE + tls_line))
+        await worker.apply_reload(state, control.Reload(2, "fastproxy.toml", text, {}))
+        assert listener.tls is not None and listener.tls is not before
+        assert listener.plan.scheme == b"https"
+        # and TLS off: the listener's next connections are plain
+        await worker.apply_reload(
+            state, control.Reload(3, "fastproxy.toml", dump_config(_config(BASE)), {})
+        )
+        assert listener.tls is None and listener.plan.scheme == b"http"
 
     uvloop.run(scenario())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -119,14 +120,34 @@ def chunked(body: bytes, piece: int = 65536) -> Iterable[bytes]:
     yield b"0\r\n\r\n"
 
 
+def _connect(
+    host: str, port: int, timeout: float, tls: ssl.SSLContext | None, server_name: str | None
+) -> socket.socket:
+    """A TCP connection; with ``tls``, wrapped (handshake done, SNI ``server_name``)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=server_name)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class HttpConnection:
     """One client connection: write raw bytes, read parsed responses in order (pipelining)."""
 
     def __init__(
-        self, port: int, *, host: str = LOOPBACK, timeout: float = DEFAULT_TIMEOUT_S
+        self,
+        port: int,
+        *,
+        host: str = LOOPBACK,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.port = port
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = _connect(host, port, timeout, tls, server_name)
         self._buffer = bytearray()
         self._eof = False
 
@@ -301,8 +322,10 @@ class WebSocketClient:
         *,
         headers: HeaderPairs = (),
         timeout: float = DEFAULT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        self.sock = _connect(LOOPBACK, port, timeout, tls, server_name)
         self._ws = WSConnection(ConnectionType.CLIENT)
         self._pending: list[Event] = []
         self._eof = False

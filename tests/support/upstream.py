@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -148,8 +149,10 @@ class _Reset(Exception):
 class RecordingUpstream:
     """Start with ``start()``, stop with ``stop()``; the fixture ``upstream`` does both."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
+        #: a server context: the upstream speaks TLS (tests of upstream TLS)
+        self.ssl_context = ssl_context
         self.port = 0
         #: unexpected exceptions inside the server; a test's teardown fails if any are left
         self.errors: list[BaseException] = []
@@ -246,7 +249,7 @@ class RecordingUpstream:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, 0)
+        server = await asyncio.start_server(self._handle, self.host, 0, ssl=self.ssl_context)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         await self._stopping.wait()
@@ -279,7 +282,10 @@ class RecordingUpstream:
             record.closed = True
             writer.close()
             try:
-                with contextlib.suppress(OSError):  # ConnectionError included: the peer left first
+                # OSError (ConnectionError included): the peer left first. CancelledError:
+                # ``stop()`` while a TLS close waits for the peer's close_notify; the handler
+                # ends normally, as above
+                with contextlib.suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
             finally:
                 self._tasks.discard(task)

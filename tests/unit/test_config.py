@@ -16,6 +16,7 @@ from fastproxy.config import (
     BUILT_IN_SOURCE,
     Address,
     Balance,
+    CertKey,
     Config,
     HttpParser,
     Limits,
@@ -23,6 +24,7 @@ from fastproxy.config import (
     Mode,
     PresetToggles,
     TlsConfig,
+    UpstreamTls,
     WebSocketMode,
     dump_config,
     load_config,
@@ -105,18 +107,58 @@ def write(tmp_path: Path, text: str, name: str = "fastproxy.toml") -> str:
 # -- the SPEC 3 example -------------------------------------------------------------------------
 
 
-def test_config_spec_example_reaches_tls_which_is_not_supported_yet(
+def test_config_spec_example_loads_with_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the files are read by tls.build (tests/unit/test_tls.py), not by the configuration
     monkeypatch.chdir(tmp_path)
     write(tmp_path, SPEC_EXAMPLE)
-    with pytest.raises(ConfigError) as caught:
-        load_config("fastproxy.toml")
-    assert str(caught.value) == (
-        "fastproxy.toml: listeners.sdk.tls: TLS termination is not supported yet, got "
-        '{ cert = "/etc/fastproxy/tls.crt", key = "/etc/fastproxy/tls.key" } '
-        "(terminate TLS in front of fastproxy, or remove the tls key)"
+    config = load_config("fastproxy.toml")
+    sdk = config.listeners["sdk"]
+    assert sdk.tls == TlsConfig("/etc/fastproxy/tls.crt", "/etc/fastproxy/tls.key")
+    assert (sdk.tls.min_version, sdk.tls.handshake_timeout_s, sdk.tls.certificates) == (
+        "1.2",
+        10.0,
+        (),
     )
+    assert config.listeners["agent"].tls is None
+    # a toggle's per-listener rules go to listeners without TLS only; pin_sdk is a policy's
+    assert summary(sdk) == [*SDK_RULES, ("sdk-js", b"/sdk-js/", Action.FORWARD)]
+
+
+def test_config_tls_full_shape_and_dump_round_trip() -> None:
+    config = parse(
+        BASE.replace(
+            'servers = ["10.0.0.5:8080"]',
+            'servers = ["10.0.0.5:8080"]\n'
+            'tls = { ca = "/ca.pem", server_name = "Backend.Example", cert = "/c", key = "/k" }',
+        ).replace('policy = "cobrowse-sdk"', 'policy = "cobrowse-sdk"\nupstream = "cobrowse"')
+        + """
+        [listeners.sdk.tls]
+        cert = "/a.crt"
+        key = "/a.key"
+        min_version = "1.3"
+        handshake_timeout_s = 3
+        certificates = [{ cert = "/b.crt", key = "/b.key" }]
+
+        [upstreams.plain]
+        servers = ["10.0.0.7:80"]
+        tls = false
+
+        [upstreams.simple]
+        servers = ["10.0.0.8:443"]
+        tls = true
+        """
+    )
+    tls = config.listeners["sdk"].tls
+    assert tls == TlsConfig("/a.crt", "/a.key", (CertKey("/b.crt", "/b.key"),), "1.3", 3.0)
+    assert config.upstreams["cobrowse"].tls == UpstreamTls(
+        ca="/ca.pem", verify=True, server_name="backend.example", cert="/c", key="/k"
+    )
+    assert config.upstreams["plain"].tls is None
+    assert config.upstreams["simple"].tls == UpstreamTls()
+    again = parse_config(tomllib.loads(dump_config(config)), "again.toml")
+    assert again == config
 
 
 def test_config_spec_example_without_tls_loads(tmp_path: Path) -> None:
@@ -586,11 +628,41 @@ ERRORS = [
         id="reserved-rule-name",
     ),
     pytest.param(
-        BASE + 'tls = { cert = "/etc/tls.crt", key = "/etc/tls.key" }\n',
-        "fastproxy.toml: listeners.sdk.tls: TLS termination is not supported yet, got "
-        '{ cert = "/etc/tls.crt", key = "/etc/tls.key" } '
-        "(terminate TLS in front of fastproxy, or remove the tls key)",
-        id="tls-not-supported",
+        BASE + 'tls = { cert = "/etc/tls.crt", key = "/etc/tls.key", min_version = "1.1" }\n',
+        'fastproxy.toml: listeners.sdk.tls.min_version: unknown TLS version, got "1.1" '
+        '("1.2" or "1.3"; TLS 1.0 and 1.1 are never accepted)',
+        id="tls-min-version",
+    ),
+    pytest.param(
+        BASE + 'tls = { cert = "/c", key = "/k", certificates = [{ cert = "/d" }] }\n',
+        'fastproxy.toml: listeners.sdk.tls.certificates[0]: missing key "key"',
+        id="tls-sni-certificate-without-key",
+    ),
+    pytest.param(
+        BASE + 'tls = { cert = "", key = "/k" }\n',
+        'fastproxy.toml: listeners.sdk.tls.cert: expected a file name, got ""',
+        id="tls-empty-file-name",
+    ),
+    pytest.param(
+        BASE.replace('servers = ["10.0.0.5:8080"]', 'servers = ["10.0.0.5:8080"]\ntls = "yes"'),
+        'fastproxy.toml: upstreams.cobrowse.tls: expected true, false or a table, got "yes"',
+        id="upstream-tls-type",
+    ),
+    pytest.param(
+        BASE.replace(
+            'servers = ["10.0.0.5:8080"]', 'servers = ["10.0.0.5:8080"]\ntls = { cert = "/c" }'
+        ),
+        'fastproxy.toml: upstreams.cobrowse.tls: missing key "key" '
+        "(a client certificate needs both cert and key)",
+        id="upstream-tls-cert-without-key",
+    ),
+    pytest.param(
+        BASE.replace(
+            'servers = ["10.0.0.5:8080"]',
+            'servers = ["10.0.0.5:8080"]\ntls = { server_name = "a b" }',
+        ),
+        'fastproxy.toml: upstreams.cobrowse.tls.server_name: not a host name, got "a b"',
+        id="upstream-tls-server-name",
     ),
     pytest.param(
         BASE + 'tls = { cert = "/etc/tls.crt" }\n',
@@ -601,11 +673,6 @@ ERRORS = [
         BASE + 'tls = { cert = 1, key = "k" }\n',
         "fastproxy.toml: listeners.sdk.tls.cert: expected a string, got 1",
         id="tls-cert-type",
-    ),
-    pytest.param(
-        BASE.replace('servers = ["10.0.0.5:8080"]', 'servers = ["10.0.0.5:8080"]\ntls = true'),
-        "fastproxy.toml: upstreams.cobrowse.tls: TLS to upstreams is not supported yet, got true",
-        id="upstream-tls-not-supported",
     ),
     pytest.param(
         BASE.replace('["10.0.0.5:8080"]', '["10.0.0.5:8080", "10.0.0.5:8080"]'),
@@ -950,7 +1017,10 @@ def test_config_dump_writes_tls_as_a_table() -> None:
     config = load_config(None)
     sdk = dataclasses.replace(config.listeners["sdk"], tls=TlsConfig(cert="c.pem", key="k.pem"))
     text = dump_config(dataclasses.replace(config, listeners={"sdk": sdk}))
-    assert 'tls = { cert = "c.pem", key = "k.pem" }\n' in text
+    assert (
+        'tls = { cert = "c.pem", key = "k.pem", min_version = "1.2", handshake_timeout_s = 10.0 }\n'
+        in text
+    )
 
 
 def test_config_dump_escapes_strings() -> None:
@@ -958,7 +1028,8 @@ def test_config_dump_escapes_strings() -> None:
     tls = TlsConfig(cert='dir "x"\\c.pem\n', key="ké.pem")
     sdk = dataclasses.replace(config.listeners["sdk"], tls=tls)
     text = dump_config(dataclasses.replace(config, listeners={"sdk": sdk}))
-    assert tomllib.loads(text)["listeners"]["sdk"]["tls"] == {"cert": tls.cert, "key": tls.key}
+    dumped = tomllib.loads(text)["listeners"]["sdk"]["tls"]
+    assert (dumped["cert"], dumped["key"]) == (tls.cert, tls.key)
 
 
 def test_config_dump_leaves_plain_listener_rules_to_the_toggle_when_listeners_differ() -> None:
