@@ -129,9 +129,10 @@ class _Reset(Exception):
 class RecordingUpstream:
     """Start with ``start()``, stop with ``stop()``; the fixture ``upstream`` does both."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = 0
+        #: 0: an ephemeral port; another number: that port (a server restarted where it was)
+        self.port = port
         #: unexpected exceptions inside the server; a test's teardown fails if any are left
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -153,7 +154,7 @@ class RecordingUpstream:
 
     def start(self) -> None:
         self._thread.start()
-        if not self._ready.wait(10.0) or not self.port:
+        if not self._ready.wait(10.0) or not self.port or self.errors:
             raise RuntimeError(f"recording upstream did not start: {self.errors!r}")
 
     def stop(self) -> None:
@@ -227,7 +228,7 @@ class RecordingUpstream:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, 0)
+        server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         await self._stopping.wait()

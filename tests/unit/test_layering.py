@@ -22,10 +22,12 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "metrics": ({"fastproxy"}, {"prometheus_client"}),
     "log": ({"errors"}, {"orjson"}),
     "admin": ({"metrics", "http1", "fastproxy"}, set()),
-    "upstream": ({"errors", "config", "http1"}, set()),
+    "upstream": ({"errors", "config", "health", "http1"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
-    "exchange": ({"config", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
+    "exchange": ({"config", "errors", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
+    "health": ({"config"}, set()),
+    "checker": ({"health"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
@@ -50,7 +52,18 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     ),
     "systemd": ({"errors"}, set()),
     "master": (
-        {"errors", "config", "control", "log", "metrics", "runtime", "systemd", "worker"},
+        {
+            "errors",
+            "checker",
+            "config",
+            "control",
+            "health",
+            "log",
+            "metrics",
+            "runtime",
+            "systemd",
+            "worker",
+        },
         set(),
     ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
@@ -83,6 +96,7 @@ PURE = {
     "wsrelay",
     "runtime",
     "exchange",
+    "health",
 }
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
