@@ -66,7 +66,7 @@ max_connections_per_client = 0
 [admin]
 bind = "127.0.0.1:{admin}"
 """
-HEALTH = {"checks": "", "passive": "health = false"}
+HEALTH = {"checks": "", "passive": "health = false", "before": ""}
 TARGET = b"/api/1/devices/x"
 
 
@@ -203,7 +203,8 @@ class Settings:
     after: float
 
 
-def one_run(name: str, s: Settings, workdir: Path) -> Row:
+def one_run(name: str, s: Settings, workdir: Path, source: Path | None = None) -> Row:
+    """One configuration; ``source``: run fastproxy from that source tree instead."""
     row = Row(name)
     a_port, b_port = procs.free_port(), procs.free_port()
     port, admin = procs.free_port(), procs.free_port()
@@ -217,16 +218,24 @@ def one_run(name: str, s: Settings, workdir: Path) -> Row:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(env_dir)
     origin_a = Started("origin-a", [*me, str(a_port), "A"], workdir / "origin-a.log")
     origin_b = Started("origin-b", [*me, str(b_port), "B"], workdir / "origin-b.log")
-    proxy = Started(
-        "fastproxy",
-        [sys.executable, "-m", "fastproxy", "run", "-c", str(config)],
-        workdir / f"fastproxy-{name}.log",
-    )
+    python = [sys.executable]
+    if source is not None:
+        # -P: the current directory (this tree) is not put before PYTHONPATH (that one)
+        python = [sys.executable, "-P"]
+        os.environ["PYTHONPATH"] = str(source)
+    try:
+        proxy = Started(
+            "fastproxy",
+            [*python, "-m", "fastproxy", "run", "-c", str(config)],
+            workdir / f"fastproxy-{name}.log",
+        )
+    finally:
+        os.environ.pop("PYTHONPATH", None)
     restarted: Started | None = None
     try:
         procs.wait_port(a_port)
         procs.wait_port(b_port)
-        procs.wait_http(f"http://127.0.0.1:{admin}/readyz")
+        procs.wait_http(f"http://127.0.0.1:{admin}/livez")
         b_label = f'server="127.0.0.1:{b_port}"'
         total = s.warmup + s.down + s.after
         samples: list[Sample] = []
@@ -278,7 +287,8 @@ def one_run(name: str, s: Settings, workdir: Path) -> Row:
             (x.at - back for x in ordered if x.at >= back and x.origin == "B"), None
         )
         before = [x for x in samples if x.at < kill and x.status == 200]
-        after = [x for x in samples if x.at >= back + 5 and x.status == 200]
+        settled = back + (row.traffic_back_s or 0.0) + 2.0
+        after = [x for x in samples if x.at >= settled and x.status == 200]
         row.b_share_before = sum(x.origin == "B" for x in before) / max(1, len(before))
         row.b_share_after = sum(x.origin == "B" for x in after) / max(1, len(after))
         row.retried_connects = _metric(
@@ -309,7 +319,7 @@ def report(rows: list[Row], s: Settings, out: Path) -> str:
         "fall 2); `passive`: `health = false` (passive marks only, `down_for_s = 10`).",
         "",
         "| configuration | requests | failed while B down | failed in all | marked down after "
-        "| traffic back after restart | metric up after restart | connect failures (retried) "
+        "| traffic back after restart | metric 1 after restart | connect failures (retried) "
         "| B's share before / after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -323,9 +333,14 @@ def report(rows: list[Row], s: Settings, out: Path) -> str:
         )
     lines += [
         "",
-        "Before this change (passive marks per worker only, no retry on another server) the "
-        "same kind of run gave 10 client 502s for a 21 s outage, one per worker every 10 s, and "
-        "the restored server got traffic back only when its 10 s window ended.",
+        "`before` (with `--baseline DIR`): the same run against fastproxy as it was before "
+        "upstream health (the source tree in DIR, no `health` key): passive marks per worker "
+        'only, no retry on another server, no `fastproxy_upstream_up` (so no "marked down" '
+        "reading).",
+        "",
+        "With `passive` the metric reads 1 again whenever a mark expires (every `down_for_s`) "
+        "while B is still dead: the next connect to it fails, is retried on A and marks it "
+        "again; that is why traffic comes back only when the last mark expires.",
         "",
         '"Marked down after" is read from admin `/metrics` polled every 50 ms; the first '
         "failed connect marks the server down in the worker that saw it at once, before the "
@@ -335,6 +350,7 @@ def report(rows: list[Row], s: Settings, out: Path) -> str:
         "",
     ]
     text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "FAILOVER.md").write_text(text)
     (out / "failover.json").write_text(
         json.dumps(
@@ -356,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=15.0)
     parser.add_argument("--only", default="checks,passive")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree of fastproxy before upstream health: adds a 'before' row",
+    )
     args = parser.parse_args(argv)
     if args.origin:
         with contextlib.suppress(KeyboardInterrupt):
@@ -367,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(args.rate, args.connections, args.warmup, args.down, args.after)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastproxy-failover-") as tmp:
+        if args.baseline is not None:
+            rows.append(one_run("before", settings, Path(tmp), args.baseline.resolve()))
         for name in args.only.split(","):
             rows.append(one_run(name, settings, Path(tmp)))
     print(report(rows, settings, args.out))
