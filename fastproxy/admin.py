@@ -3,12 +3,15 @@
 [I/O] Imports ``metrics`` and ``http1`` (the reply writer) only; runs inside every worker, so
 the master never serves traffic nor runs a thread. One request per connection (``Connection:
 close``): scrapes and probes are rare, and simplicity beats keep-alive here. Nothing from the
-request is echoed.
+request is echoed. ``/readyz`` is 503 with a JSON reason while draining or while a listener's
+default upstream has no server up; ``fastproxy_upstream_up`` comes from the health table the
+worker holds (the master's, the same in every worker), one value per server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Protocol, cast
 
 from fastproxy import metrics
@@ -24,6 +27,14 @@ class WorkerView(Protocol):
 
     def routes_json(self) -> bytes:
         """The compiled tables of the current generation, as JSON."""
+        ...
+
+    def readiness(self) -> dict[str, object] | None:
+        """Why ``/readyz`` says 503 (draining, an upstream with no server up); None: ready."""
+        ...
+
+    def upstream_states(self) -> list[tuple[str, str, bool]]:
+        """``(upstream, server, up)`` of the health table this worker holds (the master's)."""
         ...
 
 
@@ -55,12 +66,14 @@ class AdminProtocol(asyncio.Protocol):
             return
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
-            self._reply(200, metrics.CONTENT_TYPE, metrics.render(), head=parts[0] == b"HEAD")
+            body = metrics.render(self.worker.upstream_states())
+            self._reply(200, metrics.CONTENT_TYPE, body, head=parts[0] == b"HEAD")
         elif path == b"/livez":
             self._reply(200, b"text/plain", b"ok\n")
         elif path == b"/readyz":
-            if self.worker.draining:
-                self._reply(503, b"text/plain", b"draining\n")
+            reason = self.worker.readiness()
+            if reason is not None:
+                self._reply(503, b"application/json", json.dumps(reason).encode() + b"\n")
             else:
                 self._reply(200, b"text/plain", b"ready\n")
         elif path == b"/routes":

@@ -24,7 +24,10 @@ Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`
 ``[upstreams]`` and ``[listeners]`` must each have at least one entry.
 
 - ``[upstreams.NAME]``: ``servers`` (``"host:port"``, a host name or IP, IPv6 as ``"[::1]:8000"``;
-  at least one), ``balance``, ``keepalive`` and the ``*_timeout_s`` of ``UpstreamConfig``.
+  at least one), ``balance``, ``keepalive`` and the ``*_timeout_s`` of ``UpstreamConfig``;
+  ``health`` (``false``, ``true`` or a table of ``HealthCheck`` fields; ``statuses`` is a list
+  of statuses and ``"200-399"`` ranges), ``down_for_s``, ``next_upstream_tries`` and
+  ``next_upstream_timeout_s``.
   ``tls`` (``true`` or a table ``{ca, verify, server_name, cert, key}``, ``UpstreamTls``).
 - ``[listeners.NAME]``: ``bind`` (an IP literal and port; names are never resolved here; port 0
   lets the kernel choose and never conflicts), ``policy``, ``upstream`` (may be left out when
@@ -240,7 +243,37 @@ class UpstreamConfig:
     first_byte_timeout_s: float = 60.0
     #: time an upstream may stay silent in the middle of a response body
     read_timeout_s: float = 60.0
+    #: active health checks (``health = false``: None)
+    health: HealthCheck | None = field(default_factory=lambda: HealthCheck())
+    #: passive health: a failed connect, a connect timeout or a reset before any response byte
+    #: marks the server down this long (or until an active check passes)
+    down_for_s: float = 10.0
+    #: attempts per request, the first included (nginx ``proxy_next_upstream_tries``): a failed
+    #: connect, or a reset before any byte of an idempotent body-less request, is tried again on
+    #: another server; 1 = never
+    next_upstream_tries: int = 2
+    #: no new attempt once the request is this old (nginx ``proxy_next_upstream_timeout``)
+    next_upstream_timeout_s: float = 10.0
+
     tls: UpstreamTls | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks of an upstream's servers, run by the master (``health.py``)."""
+
+    #: request target of ``GET <path> HTTP/1.1``
+    path: str = "/up"
+    #: time from one check of a server to the next
+    interval_s: float = 2.0
+    #: a check without a status line within this time fails; at most ``interval_s``
+    timeout_s: float = 1.0
+    #: passing statuses, as inclusive ranges (HAProxy's and nginx's default: 2xx and 3xx)
+    statuses: tuple[tuple[int, int], ...] = ((200, 399),)
+    #: consecutive passing checks that bring a down server back
+    rise: int = 1
+    #: consecutive failing checks that mark an up server down
+    fall: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -946,7 +979,14 @@ _UPSTREAM_KEYS = (
     "first_byte_timeout_s",
     "read_timeout_s",
     "tls",
+    "health",
+    "down_for_s",
+    "next_upstream_tries",
+    "next_upstream_timeout_s",
 )
+_HEALTH_KEYS = ("path", "interval_s", "timeout_s", "statuses", "rise", "fall")
+_HEALTH_PATH_RE = re.compile(r"/[!-~]*")
+_STATUS_RANGE_RE = re.compile(r"([1-5][0-9][0-9])-([1-5][0-9][0-9])")
 _LISTENER_KEYS = (
     "bind",
     "policy",
@@ -1083,7 +1123,74 @@ def _upstream(name: str, value: object, where: str) -> UpstreamConfig:
         ),
         read_timeout_s=_get_seconds(table, "read_timeout_s", where, defaults.read_timeout_s),
         tls=_upstream_tls(table["tls"], _join(where, "tls")) if "tls" in table else None,
+        health=_health(table["health"], _join(where, "health"))
+        if "health" in table
+        else defaults.health,
+        down_for_s=_get_seconds(table, "down_for_s", where, defaults.down_for_s),
+        next_upstream_tries=_get_int(
+            table, "next_upstream_tries", where, defaults.next_upstream_tries, minimum=1
+        ),
+        next_upstream_timeout_s=_get_seconds(
+            table, "next_upstream_timeout_s", where, defaults.next_upstream_timeout_s
+        ),
     )
+
+
+def _health(value: object, where: str) -> HealthCheck | None:
+    """``health = false`` (no active checks), ``true`` (the defaults) or a table of fields."""
+    if isinstance(value, bool):
+        return HealthCheck() if value else None
+    if not isinstance(value, Mapping):
+        raise _bad(where, "expected true, false or a table", value)
+    table = cast(Table, value)
+    _keys(table, where, _HEALTH_KEYS)
+    d = HealthCheck()
+    path = d.path
+    if "path" in table:
+        path = _str(table["path"], _join(where, "path"))
+        if not _HEALTH_PATH_RE.fullmatch(path):
+            raise _bad(
+                _join(where, "path"),
+                'expected a request target starting with "/", visible ASCII, no spaces',
+                path,
+            )
+    interval = _get_seconds(table, "interval_s", where, d.interval_s)
+    timeout = _get_seconds(table, "timeout_s", where, min(d.timeout_s, interval))
+    if timeout > interval:
+        raise _bad(
+            _join(where, "timeout_s"), f"must be at most interval_s ({_toml(interval)})", timeout
+        )
+    statuses = d.statuses
+    if "statuses" in table:
+        statuses = _statuses(table["statuses"], _join(where, "statuses"))
+    return HealthCheck(
+        path=path,
+        interval_s=interval,
+        timeout_s=timeout,
+        statuses=statuses,
+        rise=_get_int(table, "rise", where, d.rise, minimum=1),
+        fall=_get_int(table, "fall", where, d.fall, minimum=1),
+    )
+
+
+def _statuses(value: object, where: str) -> tuple[tuple[int, int], ...]:
+    """A list of statuses (``200``) and inclusive ranges (``"200-399"``), at least one."""
+    items = _list(value, where)
+    if not items:
+        raise _bad(where, "at least one status or range is required", items)
+    ranges: list[tuple[int, int]] = []
+    for index, item in enumerate(items):
+        item_where = f"{where}[{index}]"
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 100 <= item <= 599:
+                raise _bad(item_where, "a status is from 100 to 599", item)
+            ranges.append((item, item))
+            continue
+        match = _STATUS_RANGE_RE.fullmatch(item) if isinstance(item, str) else None
+        if match is None or int(match[1]) > int(match[2]):
+            raise _bad(item_where, 'expected a status (200) or a range ("200-399")', item)
+        ranges.append((int(match[1]), int(match[2])))
+    return tuple(ranges)
 
 
 def _listener(
@@ -1414,6 +1521,10 @@ def _dump(config: Config) -> str:
                 ("first_byte_timeout_s", up.first_byte_timeout_s),
                 ("read_timeout_s", up.read_timeout_s),
                 *([("tls", _dump_upstream_tls(up.tls))] if up.tls is not None else []),
+                ("health", _health_items(up.health)),
+                ("down_for_s", up.down_for_s),
+                ("next_upstream_tries", up.next_upstream_tries),
+                ("next_upstream_timeout_s", up.next_upstream_timeout_s),
             ],
         )
     policies: dict[str, list[ListenerConfig]] = {}
@@ -1448,6 +1559,19 @@ def _dump(config: Config) -> str:
         for rule in rules:
             section(f"policies.{key}.rules.{_toml_key(rule.name)}", list(_rule_items(rule).items()))
     return "\n".join(lines) + "\n"
+
+
+def _health_items(check: HealthCheck | None) -> object:
+    if check is None:
+        return False
+    return {
+        "path": check.path,
+        "interval_s": check.interval_s,
+        "timeout_s": check.timeout_s,
+        "statuses": [lo if lo == hi else f"{lo}-{hi}" for lo, hi in check.statuses],
+        "rise": check.rise,
+        "fall": check.fall,
+    }
 
 
 def _dump_policy_rules(

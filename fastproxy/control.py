@@ -8,12 +8,16 @@ kernel, so no framing is needed, and listening sockets travel with a message as 
 Messages
 --------
 - worker -> master: ``HEARTBEAT`` (one byte, about every second from the event loop; the first
-  one means "accepting"), or an acknowledgement ``{"op": "ack", "generation": N, "error": E}``
-  (``E`` is null when the generation was applied).
+  one means "accepting"), an acknowledgement ``{"op": "ack", "generation": N, "error": E}``
+  (``E`` is null when the generation was applied), or a passive health report ``{"op": "down",
+  "generation": N, "upstream": U, "server": S, "reason": R}`` (a connect to server ``S`` failed
+  or it reset a request before any response byte).
 - master -> worker: ``{"op": "reload", "generation": N, "source": S, "config": TEXT,
   "sockets": [NAME, ...]}`` with one descriptor per name, in order: the configuration as
   ``config.dump_config`` writes it (the worker loads it with the same code the master validated
-  it with) and the listening sockets of listeners this generation adds.
+  it with) and the listening sockets of listeners this generation adds; or the health table
+  ``{"op": "health", "generation": N, "servers": {U: {S: true|false}}}`` (whole, after every
+  change, and as the first message a new worker finds in its channel: queued before the fork).
 
 Invariants: a message is at most ``MAX_MESSAGE_BYTES``; a malformed message is a
 ``ControlError`` (the master's own bug, never a peer's: both ends are fastproxy); descriptors
@@ -59,6 +63,24 @@ class Ack:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Every server's effective state, ``{upstream: {server label: up}}``."""
+
+    generation: int
+    servers: dict[str, dict[str, bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerDown:
+    """A worker saw ``server`` of ``upstream`` fail (passive health)."""
+
+    generation: int
+    upstream: str
+    server: str
+    reason: str
+
+
 def channel_pair() -> tuple[socket.socket, socket.socket]:
     """``(master_end, worker_end)``; both close on exec, large enough for one reload message."""
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -102,8 +124,35 @@ def send_ack(sock: socket.socket, ack: Ack) -> None:
     sock.sendall(body)
 
 
-def receive(sock: socket.socket) -> Reload | Ack | bytes | None:
-    """One message: a ``Reload``, an ``Ack``, the heartbeat bytes, or None at end of stream.
+def encode_health(health: Health) -> bytes:
+    return _encode({"op": "health", "generation": health.generation, "servers": health.servers})
+
+
+def send_health(sock: socket.socket, body: bytes) -> None:
+    """Send an encoded ``Health`` without blocking (``BlockingIOError``: the worker is behind)."""
+    sock.send(body)
+
+
+def send_down(sock: socket.socket, down: ServerDown) -> None:
+    """Report a passive failure; ``BlockingIOError`` when the master is behind."""
+    body = _encode(
+        {
+            "op": "down",
+            "generation": down.generation,
+            "upstream": down.upstream,
+            "server": down.server,
+            "reason": down.reason,
+        }
+    )
+    sock.send(body)
+
+
+Message = Reload | Ack | Health | ServerDown | bytes
+
+
+def receive(sock: socket.socket) -> Message | None:
+    """One message: a ``Reload``, an ``Ack``, a ``Health``, a ``ServerDown``, the heartbeat
+    bytes, or None at end of stream.
 
     Raises ``BlockingIOError`` when nothing is waiting on a non-blocking socket.
     """
@@ -132,6 +181,18 @@ def receive(sock: socket.socket) -> Reload | Ack | bytes | None:
             sockets = {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
             fds = []
             return Reload(generation, str(message["source"]), str(message["config"]), sockets)
+        if op == "health":
+            _close_fds(fds)
+            servers = {
+                str(upstream): {str(label): bool(up) for label, up in states.items()}
+                for upstream, states in message["servers"].items()
+            }
+            return Health(generation, servers)
+        if op == "down":
+            _close_fds(fds)
+            return ServerDown(
+                generation, str(message["upstream"]), str(message["server"]), str(message["reason"])
+            )
     except (ValueError, KeyError, TypeError) as exc:
         _close_fds(fds)
         raise ControlError(f"malformed control message: {exc}") from exc

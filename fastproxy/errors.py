@@ -66,6 +66,14 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not connect or answer in time."""
 
 
+class NoHealthyUpstream(UpstreamError):
+    """Every server of the upstream is marked down: answered 503 ``no_healthy_upstream`` at
+    once, without a connect attempt. Raised by the pool's pick, caught by the exchange."""
+
+    #: the error code of the 503 the client gets
+    code = "no_healthy_upstream"
+
+
 class HaltServer(BaseException):
     """Stop the master with ``exit_code``.
 

@@ -1,6 +1,7 @@
 """The per-connection HTTP exchange, as a state machine without I/O.
 
-[pure] Imports ``headers``, ``http1``, ``policy``, ``config``, ``runtime`` and ``wsrelay`` only:
+[pure] Imports ``headers``, ``http1``, ``policy``, ``config``, ``runtime``, ``wsrelay`` and
+``errors`` only:
 no asyncio, sockets, clock, logging or metrics. The worker's ``ClientProtocol`` is a thin adapter
 around ``Exchange``; the fuzzer and the call-budget test drive the very same class, ``fastproxy
 explain`` and ``fastproxy test`` run ``admit``, so what they report cannot drift from what the
@@ -35,6 +36,13 @@ finished request) and the ``UpstreamConn`` handles that interface hands it. Stat
 (scanning for a head), ``UPSTREAM`` (waiting for a connection), ``FORWARD`` (streaming both
 ways), ``TUNNEL`` (after a checked 101: the adapter relays WebSocket frames), ``CLOSED``.
 
+Upstream failures (nginx's ``proxy_next_upstream error timeout``): a failed connect is tried
+again on another server (the pool has taken the failed one out of its rotation), and so is an
+idempotent request without a body whose fresh connection closed before any response byte; at
+most ``next_upstream_tries`` attempts in all, and none once the request is
+``next_upstream_timeout_s`` old. A pool with no server up answers at once: 503
+``no_healthy_upstream``.
+
 Invariants: at most one timer is armed (``timer`` names it); at most one cycle is under way, and
 it follows the ``ListenerPlan`` it started with; a request's bytes go upstream only after
 ``admit`` forwarded it; pipelined requests are answered in order, each from the bytes its
@@ -50,6 +58,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from fastproxy.config import UpstreamConfig
+from fastproxy.errors import NoHealthyUpstream
 from fastproxy.headers import (
     RequestInfo,
     RequestRefused,
@@ -331,6 +340,18 @@ _FAILED_IF_ANSWERED_HERE = frozenset({Verdict.FORWARD, Verdict.REWRITE, Verdict.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
 
+def _may_try_again(cycle: Cycle, config: UpstreamConfig, now: float) -> bool:
+    """Another attempt fits the budget (``next_upstream_tries`` and ``_timeout_s``) and may go
+    elsewhere: to another server, or to none (a 503 ``no_healthy_upstream``) once the failed
+    one is marked down. The one server of an upstream without checks is never marked down, and
+    nginx does not try it twice either."""
+    return (
+        (len(config.servers) > 1 or config.health is not None)
+        and cycle.tries < config.next_upstream_tries
+        and now - cycle.start < config.next_upstream_timeout_s
+    )
+
+
 class State(enum.Enum):
     #: waiting for (or scanning) the next request head
     HEAD = "head"
@@ -377,6 +398,9 @@ class UpstreamConn(Protocol):
     def discard(self) -> None:
         """Failed or abandoned mid-exchange: close it."""
 
+    def mark_failed(self) -> None:
+        """Its server reset it before any response byte: passive health marks the server."""
+
     def close(self) -> None: ...
 
 
@@ -410,7 +434,8 @@ class ExchangeIO(Protocol):
 
     def open_upstream(self, upstream: str, fresh: bool) -> UpstreamConn | None:
         """A connection to ``upstream`` now, or None and ``upstream_ready`` or
-        ``upstream_failed`` follows. ``fresh``: a new connection of the pool the cycle used."""
+        ``upstream_failed`` follows. ``fresh``: a new connection of the pool the cycle used.
+        Raises ``NoHealthyUpstream`` when no server of the pool is up."""
 
     def arm(self, delay: float) -> None:
         """Call ``timer_fired`` in ``delay`` seconds, replacing the deadline armed before."""
@@ -471,6 +496,7 @@ class Cycle:
         "sent_head",
         "start",
         "status",
+        "tries",
         "upstream",
         "upstream_config",
         "upstream_name",
@@ -503,6 +529,8 @@ class Cycle:
         self.response_done = False
         self.websocket = False
         self.retried = False
+        #: attempts on a server so far (another server after a failed connect or a reset)
+        self.tries = 1
 
 
 class Exchange:
@@ -855,7 +883,12 @@ class Exchange:
 
     def _acquire(self, cycle: Cycle, fresh: bool, now: float) -> None:
         self.state = State.UPSTREAM
-        conn = self.io.open_upstream(cycle.upstream_name, fresh)
+        try:
+            conn = self.io.open_upstream(cycle.upstream_name, fresh)
+        except NoHealthyUpstream as no_server:
+            self.io.upstream_error(cycle.upstream_name, no_server.code, "")
+            self._local_reply(cycle, 503, no_server.code, close=True)
+            return
         if conn is not None:
             self.upstream_ready(conn, now)
         else:
@@ -889,12 +922,18 @@ class Exchange:
                 self._arm(cycle.plan.limits.body_timeout_s, Timer.BODY)
             self._update_reading()
 
-    def upstream_failed(self, code: str) -> None:
-        """No connection could be made (``upstream_failed`` or ``upstream_timeout``)."""
+    def upstream_failed(self, code: str, config: UpstreamConfig, now: float) -> None:
+        """No connection could be made (``upstream_failed`` or ``upstream_timeout``) to a
+        server of the pool whose spec is ``config``: another server, once, if the budget allows
+        (no byte of the request went out, so any request may go again)."""
         cycle = self.cycle
         if self.state is not State.UPSTREAM or cycle is None:
             return
         self.io.upstream_error(cycle.upstream_name, code, "")
+        if _may_try_again(cycle, config, now):
+            cycle.tries += 1
+            self._acquire(cycle, True, now)
+            return
         self._local_reply(cycle, 504 if code == "upstream_timeout" else 502, code, close=True)
 
     def upstream_data(self, data: bytes, now: float) -> None:
@@ -937,6 +976,21 @@ class Exchange:
             cycle.retried = True
             self._acquire(cycle, True, now)
             return
+        if conn is not None and not conn.reused and not conn.leg.received_any:
+            # a fresh connection the server reset or closed before any byte: the server, not a
+            # stale keep-alive, failed; an idempotent body-less request goes to another one
+            conn.mark_failed()
+            if (
+                not cycle.response_started
+                and info is not None
+                and not info.has_body
+                and cycle.head.method in IDEMPOTENT_METHODS
+                and _may_try_again(cycle, conn.config, now)
+            ):
+                self.io.upstream_error(cycle.upstream_name, "upstream_failed", detail)
+                cycle.tries += 1
+                self._acquire(cycle, True, now)
+                return
         self._upstream_failed(cycle, "upstream_failed", 502, detail)
 
     def _upstream_failed(self, cycle: Cycle, code: str, status: int, detail: str = "") -> None:

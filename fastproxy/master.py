@@ -45,8 +45,10 @@ from types import FrameType
 from typing import NoReturn
 
 from fastproxy import control, log, metrics, systemd, tls
+from fastproxy.checker import Checker, Probe
 from fastproxy.config import Address, Config, dump_config
 from fastproxy.errors import EXIT_OK, EXIT_WORKER_BOOT, ConfigError, FastproxyError, HaltServer
+from fastproxy.health import Change, HealthBoard
 from fastproxy.runtime import Snapshot, diff
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class Worker:
     killed: bool = False
     #: sent SIGTERM because ``workers`` shrank on a reload: its exit is not a crash
     retiring: bool = False
+    #: the last health table could not be sent (its channel was full): sent again next pass
+    health_behind: bool = False
 
 
 @dataclass(slots=True)
@@ -247,6 +251,10 @@ class Master:
         #: systemd's watchdog interval (WATCHDOG_USEC), None when no watchdog is asked for
         self._watchdog_s: float | None = None
         self._last_watchdog = 0.0
+        #: upstream health, decided here once for every worker (active checks, passive reports)
+        self._health = HealthBoard()
+        self._health.sync(config.upstreams, time.monotonic())
+        self._checker = Checker(self._health, self._selector)
 
     def _check_nofile_limit(self) -> None:
         """Warn, once at start, when the open-files limit cannot hold ``max_connections``."""
@@ -285,19 +293,21 @@ class Master:
             if self._watchdog_s is not None:
                 timeout = min(timeout, self._watchdog_s / 4)  # fed at half, woken at a quarter
             while True:
-                self._wait_for_events(timeout)
+                self._wait_for_events(self._health_timeout(timeout))
                 self._dispatch_signals()
                 if self._exit_code is not None:
                     return self._exit_code
                 self._reap_workers()
                 self._murder_workers()
                 self._manage_workers()
+                self._run_health()
                 self._feed_watchdog()
         except HaltServer as halt:
             logger.error("%s; stopping", halt.reason)
             self._stop(graceful=True)
             return halt.exit_code
         finally:
+            self._checker.close_all()
             self._kill_and_reap_all()
             self._close_sockets()
             self._restore_signals()
@@ -309,6 +319,7 @@ class Master:
         """Close the listeners, stop the workers and wait; what outlives the wait gets SIGKILL."""
         systemd.notify_stopping()
         self._stopping = True
+        self._checker.close_all()
         self._reload_pending.clear()  # draining workers acknowledge nothing more
         self._hup_again = False
         self._close_sockets()
@@ -472,6 +483,8 @@ class Master:
             )
         self._config = config
         self._snapshot = snapshot
+        for change in self._health.sync(config.upstreams, time.monotonic()):
+            self._log_change(change)
         self._resize_pool(config.workers)
         self._reload_errors = []
         self._reload_pending = set()
@@ -492,6 +505,7 @@ class Master:
                 self._replace(worker)
                 continue
             self._reload_pending.add(worker.pid)
+        self._broadcast_health()
         logger.info(
             "reloading: generation %d from %s (%d listeners, %d workers)",
             generation,
@@ -572,6 +586,15 @@ class Master:
 
     def _spawn_worker(self, slot: int) -> None:
         channel, worker_end = control.channel_pair()
+        # The health table is the first message the worker finds: queued before it exists, it
+        # is read before the worker accepts anything, so a new worker never tries a server that
+        # every other worker knows to be down.
+        try:
+            control.send_health(channel, self._health_message())
+        except OSError:
+            channel.close()
+            worker_end.close()
+            raise
         # Whatever sits in the stdio buffers would otherwise be written twice.
         sys.stdout.flush()
         sys.stderr.flush()
@@ -640,17 +663,21 @@ class Master:
         for sibling in self._workers.values():
             if sibling.channel is not None:
                 sibling.channel.close()
+        self._checker.close_in_child()
         # The epoll descriptor belongs to the master; closing it unregisters nothing there.
         self._selector.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def _wait_for_events(self, timeout: float) -> None:
         """Sleep until a signal, a control message or ``timeout``; handle the messages."""
-        for key, _events in self._selector.select(timeout):
+        for key, events in self._selector.select(timeout):
             if key.fd == self._wakeup_r:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wakeup_r, WAKEUP_READ_BYTES):
                         pass
+            elif isinstance(key.data, Probe):
+                for change in self._checker.on_event(key.data, events, time.monotonic()):
+                    self._on_health_change(change)
             else:
                 worker: Worker = key.data
                 self._read_channel(worker)
@@ -673,6 +700,82 @@ class Master:
                 self._on_ack(worker, message)
             elif isinstance(message, bytes):
                 self._on_heartbeat(worker)
+            elif isinstance(message, control.ServerDown):
+                self._on_server_down(worker, message)
+
+    # -- upstream health ----------------------------------------------------------------------
+
+    def _health_timeout(self, timeout: float) -> float:
+        """``timeout``, or less when a health check or a passive mark is due sooner."""
+        due = self._checker.next_wakeup()
+        if due is None or self._stopping:
+            return timeout
+        return max(0.0, min(timeout, due - time.monotonic()))
+
+    def _run_health(self) -> None:
+        """Start due checks, time out late ones, lift expired passive marks; broadcast changes."""
+        now = time.monotonic()
+        for change in self._health.expire(now) + self._checker.tick(now):
+            self._on_health_change(change)
+        behind = [w for w in self._workers.values() if w.health_behind]
+        if behind:
+            self._send_health(behind)
+
+    def _on_server_down(self, worker: Worker, report: control.ServerDown) -> None:
+        change = self._health.passive_failure(
+            report.upstream, report.server, report.reason, time.monotonic()
+        )
+        if change is not None:
+            self._on_health_change(change)
+        else:
+            # the worker marked it down on its own: it gets the table, which confirms or undoes
+            self._send_health([worker])
+
+    def _on_health_change(self, change: Change) -> None:
+        self._log_change(change)
+        self._broadcast_health()
+
+    @staticmethod
+    def _log_change(change: Change) -> None:
+        extra = {"upstream": change.upstream}
+        if change.up:
+            logger.info(
+                "upstream %s server %s is up: %s",
+                change.upstream,
+                change.server,
+                change.reason,
+                extra=extra,
+            )
+        else:
+            logger.warning(
+                "upstream %s server %s is down: %s",
+                change.upstream,
+                change.server,
+                change.reason,
+                extra=extra,
+            )
+
+    def _health_message(self) -> bytes:
+        return control.encode_health(
+            control.Health(self._snapshot.generation, self._health.table())
+        )
+
+    def _broadcast_health(self) -> None:
+        self._send_health(list(self._workers.values()))
+
+    def _send_health(self, workers: list[Worker]) -> None:
+        body = self._health_message()
+        for worker in workers:
+            if worker.channel is None or worker.retiring:
+                continue
+            try:
+                control.send_health(worker.channel, body)
+            except BlockingIOError:
+                worker.health_behind = True  # the whole table goes again on the next pass
+                continue
+            except OSError:
+                continue  # the worker is exiting; reaping follows
+            worker.health_behind = False
 
     def _on_heartbeat(self, worker: Worker) -> None:
         worker.last_beat = time.monotonic()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from fastproxy import __version__
@@ -203,11 +204,33 @@ class MasterMetrics:
             self.last_reload_success.set(now)
 
 
-def render() -> bytes:
-    """The exposition text of every worker's metrics, summed."""
+def render(upstream_up: Iterable[tuple[str, str, bool]] = ()) -> bytes:
+    """The exposition text of every worker's metrics, summed, and ``fastproxy_upstream_up``.
+
+    ``upstream_up`` is ``(upstream, server, up)`` of the health table the scraped worker holds:
+    the master decides it once for every worker, so it is one value per server, not a sum, and
+    a server a reload removed leaves the scrape with it (a multiprocess gauge file would keep it).
+    """
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client.core import GaugeMetricFamily
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated
+    states = list(upstream_up)
+
+    class UpstreamUp:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            family = GaugeMetricFamily(
+                "fastproxy_upstream_up",
+                "Whether a server of an upstream is up (1) or down (0), by health checks and "
+                "passive failures.",
+                labels=["upstream", "server"],
+            )
+            for upstream, server, up in states:
+                family.add_metric([upstream, server], 1.0 if up else 0.0)
+            yield family
+
+    if states:
+        registry.register(UpstreamUp())
     data: bytes = generate_latest(registry)
     return data

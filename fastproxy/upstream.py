@@ -1,8 +1,9 @@
 """Upstream connections of one worker: connect, keep-alive reuse, balancing, passive health.
 
-[I/O] Imports ``errors``, ``config`` and ``http1``; runs on the worker's event loop. It never
-parses or decides anything about a request: it hands a connected ``UpstreamProtocol`` to an
-``UpstreamOwner`` (the client connection) and relays transport callbacks to it.
+[I/O] Imports ``errors``, ``config``, ``health`` (its passive-mark rule) and ``http1``; runs on
+the worker's event loop. It never parses or decides anything about a request: it hands a
+connected ``UpstreamProtocol`` to an ``UpstreamOwner`` (the client connection) and relays
+transport callbacks to it.
 
 Theory of operation
 -------------------
@@ -12,8 +13,14 @@ by the backend). ``acquire`` returns an idle connection at once, or starts a con
 ``on_upstream_ready`` / ``on_upstream_failed`` later; the only task created per request is the
 one behind ``loop.create_connection``, and only when no idle connection exists.
 
-Passive health: a failed connect marks the server down for ``DOWN_FOR_S``; balancing skips down
-servers while any server is up, so a single-server upstream keeps being retried.
+Health: the master decides which servers are up (``health.py``: active checks, passive reports)
+and every worker's pools follow the table it sends (``set_health``). A failed connect, a connect
+timeout, or a reset before any response byte (``server_failed``) takes the server out of this
+worker's rotation at once and is reported to the master (``report``), which tells every worker;
+the local mark holds until the master's table says the server is down (or for ``down_for_s``),
+so a table sent before the report arrived cannot put the server back early. Balancing picks among
+the servers that are up; with none, ``pick`` raises ``NoHealthyUpstream`` (503 at once, no
+connect attempt). ``least_conn`` breaks ties round robin.
 """
 
 from __future__ import annotations
@@ -21,22 +28,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Protocol, cast
 
 from fastproxy.config import Balance, UpstreamConfig
+from fastproxy.errors import NoHealthyUpstream
+from fastproxy.health import passive_applies
 from fastproxy.http1 import UpstreamLeg
 from fastproxy.tls import for_upstream
 
 logger = logging.getLogger(__name__)
 
-DOWN_FOR_S = 10.0
+#: ``report(upstream, server label, reason)``: tell the master a server failed
+Reporter = Callable[[str, str, str], None]
 
 
 class UpstreamOwner(Protocol):
     """What a client connection implements to drive an upstream connection."""
 
     def on_upstream_ready(self, conn: UpstreamProtocol) -> None: ...
-    def on_upstream_failed(self, code: str) -> None: ...
+    def on_upstream_failed(self, code: str, config: UpstreamConfig) -> None: ...
     def on_upstream_data(self, data: bytes) -> None: ...
     def on_upstream_lost(self) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
@@ -125,6 +136,10 @@ class UpstreamProtocol(asyncio.Protocol):
         """Drop it, failed or abandoned mid-exchange (``UpstreamPool.discard``)."""
         self.server.pool.discard(self)
 
+    def mark_failed(self) -> None:
+        """The server reset this fresh connection before any response byte (passive health)."""
+        self.server.pool.server_failed(self.server, "reset before any response byte")
+
     def close(self) -> None:
         """Close and drop the connection, whoever owns it."""
         self.owner = None
@@ -136,7 +151,7 @@ class UpstreamProtocol(asyncio.Protocol):
 class Server:
     """One ``host:port`` of an upstream, with its idle connections."""
 
-    __slots__ = ("active", "down_until", "host", "idle", "label", "pool", "port")
+    __slots__ = ("active", "host", "idle", "label", "marked_at", "pool", "port", "up")
 
     def __init__(self, pool: UpstreamPool, host: str, port: int) -> None:
         self.pool = pool
@@ -145,7 +160,10 @@ class Server:
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.idle: list[UpstreamProtocol] = []
         self.active = 0
-        self.down_until = 0.0
+        #: in the rotation: the master's table, unless this worker marked it down meanwhile
+        self.up = True
+        #: when this worker marked it down and reported it (0: no local mark)
+        self.marked_at = 0.0
 
     def forget(self, conn: UpstreamProtocol) -> None:
         if conn in self.idle:
@@ -163,26 +181,90 @@ class Server:
 class UpstreamPool:
     """The servers of one named upstream, as seen by one worker."""
 
-    def __init__(self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        loop: asyncio.AbstractEventLoop,
+        health: Mapping[str, bool] | None = None,
+        report: Reporter | None = None,
+    ) -> None:
         self.name = config.name
         self.config = config
         self.loop = loop
         self.servers = [Server(self, a.host, a.port) for a in config.servers]
+        #: the servers in the rotation, in configuration order
+        self.up: list[Server] = list(self.servers)
+        self._least_conn = config.balance is Balance.LEAST_CONN
         self._next = 0
+        #: a passive mark applies (the master's rule: never the only server of an upstream
+        #: without active checks)
+        self._passive = passive_applies(config)
+        self._report = report
         #: replaced by a reload: connections in use finish their exchange, then close
         self.retired = False
+        if health:
+            self.set_health(health, time.monotonic())
 
     def pick(self) -> Server:
-        """Choose a server by the balancing method, skipping servers marked down."""
-        servers = self.servers
-        if len(servers) == 1:
-            return servers[0]  # down or not, it is the only one
-        now = time.monotonic()
-        up = [s for s in servers if s.down_until <= now] or servers
-        if self.config.balance is Balance.LEAST_CONN:
-            return min(up, key=lambda s: s.active)
-        self._next = (self._next + 1) % len(up)
+        """Choose a server among those up by the balancing method; ``NoHealthyUpstream`` when
+        none is."""
+        up = self.up
+        count = len(up)
+        if count == 1:
+            return up[0]
+        if not count:
+            raise NoHealthyUpstream(self.name)
+        if self._least_conn:
+            # the fewest active connections; ties go round robin from the one after the last pick
+            start = self._next
+            best = up[start % count]
+            best_index = start
+            for index in range(start + 1, start + count):
+                server = up[index % count]
+                if server.active < best.active:
+                    best = server
+                    best_index = index
+            self._next = (best_index + 1) % count
+            return best
+        self._next = (self._next + 1) % count
         return up[self._next]
+
+    def set_health(self, states: Mapping[str, bool], now: float) -> None:
+        """Follow the master's table ``{server label: up}`` (servers it does not list: up)."""
+        for server in self.servers:
+            up = states.get(server.label, True)
+            if server.marked_at:
+                if up and now - server.marked_at < self.config.down_for_s:
+                    continue  # a table sent before the master read this worker's report
+                server.marked_at = 0.0
+            server.up = up
+        self._rebuild()
+
+    def server_failed(self, server: Server, reason: str) -> None:
+        """Passive health: out of this worker's rotation now, and reported to the master."""
+        if not self._passive or not server.up:
+            return
+        server.up = False
+        server.marked_at = time.monotonic()
+        self._rebuild()
+        if self._report is not None:
+            self._report(self.name, server.label, reason)
+
+    def _rebuild(self) -> None:
+        self.up = [s for s in self.servers if s.up]
+        if self.up:
+            self._next %= len(self.up)
+
+    def expire_marks(self, now: float) -> None:
+        """Local marks the master never confirmed end after ``down_for_s``; once a second."""
+        expired = False
+        for server in self.servers:
+            if server.marked_at and now - server.marked_at >= self.config.down_for_s:
+                server.marked_at = 0.0
+                server.up = True
+                expired = True
+        if expired:
+            self._rebuild()
 
     def acquire(self, owner: UpstreamOwner, *, fresh: bool = False) -> UpstreamProtocol | None:
         """An idle connection now, or None and ``owner`` is called back when connected."""
@@ -220,16 +302,18 @@ class UpstreamPool:
                 owner.on_upstream_ready(conn)
                 return
             server.active -= 1
-            server.down_until = time.monotonic() + DOWN_FOR_S
             if isinstance(exc, TimeoutError):
                 code = "upstream_timeout"
+                reason = "connect timed out"
             elif isinstance(exc, OSError):
                 code = "upstream_failed"
+                reason = f"connect failed: {exc.strerror or exc}"
             else:
                 raise exc
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("connect to %s failed: %r", server.label, exc)
-            owner.on_upstream_failed(code)
+            self.server_failed(server, reason)
+            owner.on_upstream_failed(code, self.config)
 
         task.add_done_callback(done)
 

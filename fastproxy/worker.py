@@ -64,7 +64,7 @@ from typing import Any, Protocol, cast
 import orjson
 
 from fastproxy import admin, control, log, tls
-from fastproxy.config import Config, HttpParser, Limits, parse_config
+from fastproxy.config import Config, HttpParser, Limits, UpstreamConfig, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import INTERNAL_ERROR, OVERLOADED, ConfigError
 from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict, error_body
@@ -185,8 +185,12 @@ class WorkerState:
         self.metrics = WorkerMetrics()
         for name in snapshot.upstreams:
             self.metrics.prepare_upstream(name)
+        #: the master's health table, ``{upstream: {server: up}}`` (``control.Health``)
+        self.health: dict[str, dict[str, bool]] = {}
+        #: the control channel, once ``_serve`` has it: passive failures are reported on it
+        self.channel: socket.socket | None = None
         #: the current pool of each upstream; a reload that changes a spec retires its pool
-        self.pools = {name: UpstreamPool(u, loop) for name, u in snapshot.upstreams.items()}
+        self.pools = {name: self.new_pool(u) for name, u in snapshot.upstreams.items()}
         #: client connections open on every listener, and how many the descriptors allow
         self.clients = 0
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -210,6 +214,53 @@ class WorkerState:
     @property
     def config(self) -> Config:
         return self.snapshot.config
+
+    # -- upstream health (the master decides, ``health.py``; the pools follow)
+
+    def new_pool(self, spec: UpstreamConfig) -> UpstreamPool:
+        return UpstreamPool(spec, self.loop, self.health.get(spec.name), self.report_down)
+
+    def apply_health(self, message: control.Health) -> None:
+        """The master's table: every current pool follows it."""
+        self.health = message.servers
+        now = time.monotonic()
+        for name, pool in self.pools.items():
+            pool.set_health(message.servers.get(name, {}), now)
+
+    def report_down(self, upstream: str, server: str, reason: str) -> None:
+        """A pool took ``server`` out of its rotation: the master tells every worker."""
+        channel = self.channel
+        if channel is None:
+            return
+        down = control.ServerDown(self.snapshot.generation, upstream, server, reason)
+        try:
+            control.send_down(channel, down)
+        except OSError as err:  # full or gone: the master's own checks catch the server too
+            logger.debug("cannot report %s of upstream %s down: %s", server, upstream, err)
+
+    def upstream_states(self) -> list[tuple[str, str, bool]]:
+        """``(upstream, server, up)`` for every server of the current pools (admin /metrics)."""
+        return [
+            (name, server.label, server.up)
+            for name, pool in self.pools.items()
+            for server in pool.servers
+        ]
+
+    def readiness(self) -> dict[str, object] | None:
+        """Why admin ``/readyz`` says 503 (None: ready): draining, or a listener's default
+        upstream has no server up."""
+        if self.draining:
+            return {"ready": False, "reason": "draining"}
+        down = sorted(
+            {
+                plan.upstream
+                for plan in self.snapshot.listeners.values()
+                if plan.upstream in self.pools and not self.pools[plan.upstream].up
+            }
+        )
+        if down:
+            return {"ready": False, "reason": "no_healthy_upstream", "upstreams": down}
+        return None
 
     def routes_json(self) -> bytes:
         """Admin ``/routes``: this worker's current generation, compiled."""
@@ -396,9 +447,9 @@ class ClientProtocol(asyncio.Protocol):
         except Exception as exc:
             self.crashed(exc)
 
-    def on_upstream_failed(self, code: str) -> None:
+    def on_upstream_failed(self, code: str, config: UpstreamConfig) -> None:
         try:
-            self.exchange.upstream_failed(code)
+            self.exchange.upstream_failed(code, config, time.monotonic())
         except Exception as exc:
             self.crashed(exc)
 
@@ -1064,6 +1115,11 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides; Ctrl-C reaches it
     loop.add_signal_handler(signal.SIGUSR1, _reopen_logs)
+    channel = socket.socket(fileno=channel_fd)
+    channel.setblocking(False)
+    heartbeat_fd = channel.fileno()
+    worker.channel = channel
+    _take_initial_health(worker, channel)
     for name, sock in sockets.items():
         await _start_listener(worker, worker.listeners[name], sock)
     admin_server: asyncio.Server | None = None
@@ -1071,9 +1127,6 @@ async def _serve(
         admin_server = await loop.create_server(
             lambda: admin.AdminProtocol(worker), sock=admin_socket
         )
-    channel = socket.socket(fileno=channel_fd)
-    channel.setblocking(False)
-    heartbeat_fd = channel.fileno()
     reloads: list[asyncio.Task[None]] = []
 
     def on_control() -> None:
@@ -1097,6 +1150,8 @@ async def _serve(
                 task = loop.create_task(_reload(worker, message, channel))
                 reloads.append(task)
                 task.add_done_callback(reloads.remove)
+            elif isinstance(message, control.Health):
+                worker.apply_health(message)
 
     loop.add_reader(heartbeat_fd, on_control)
 
@@ -1107,6 +1162,7 @@ async def _serve(
         now = time.monotonic()
         for pool in worker.pools.values():
             pool.expire_idle(now)
+            pool.expire_marks(now)
         if not stop.is_set():
             loop.call_later(HEARTBEAT_INTERVAL_S, heartbeat)
 
@@ -1116,6 +1172,19 @@ async def _serve(
     await _drain(worker, heartbeat_fd)
     if admin_server is not None:
         admin_server.close()
+
+
+def _take_initial_health(worker: WorkerState, channel: socket.socket) -> None:
+    """Apply the health table the master queued in the channel before the fork, before the
+    first accept. (It is the first message; the master always sends it.)"""
+    try:
+        message = control.receive(channel)
+    except (BlockingIOError, control.ControlError):
+        return
+    if isinstance(message, control.Health):
+        worker.apply_health(message)
+    elif message is not None:  # not expected: the master sends the table first
+        logger.error("first control message is not the health table: %r", type(message).__name__)
 
 
 async def _drain(worker: WorkerState, heartbeat_fd: int) -> None:
@@ -1253,7 +1322,7 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     for name, spec in snapshot.upstreams.items():
         if name not in worker.pools:
             worker.metrics.prepare_upstream(name)
-            worker.pools[name] = UpstreamPool(spec, worker.loop)
+            worker.pools[name] = worker.new_pool(spec)
     for name in changes.close:
         closing = worker.listeners.pop(name, None)
         if closing is None:

@@ -106,7 +106,7 @@ def test_drain_lets_websockets_run_then_closes_them_with_1001(
         ws.send_text("during")
         assert ws.recv() == "during"
         ready = get(proxy.admin_port, "/readyz")
-        assert (ready.status, ready.body) == (503, b"draining\n")
+        assert (ready.status, ready.json()) == (503, {"ready": False, "reason": "draining"})
         with pytest.raises(WebSocketClosedError) as closed:
             while True:
                 ws.recv()

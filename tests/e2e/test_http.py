@@ -267,8 +267,20 @@ def test_slow_request_head_answered_408_and_closed(
 
 
 def test_upstream_down_answered_502(proxy: ProxyFactory) -> None:
-    port = proxy(servers=[f"127.0.0.1:{free_port()}"]).sdk_port
+    # without health checks the only server is never marked down (nginx's rule): each request
+    # tries it, and a refused connect is a 502
+    overrides = {"upstreams": {"cobrowse": {"health": False}}}
+    port = proxy(servers=[f"127.0.0.1:{free_port()}"], overrides=overrides).sdk_port
     assert_error(get(port, "/api/1/devices"), 502, "upstream_failed")
+    assert_error(get(port, "/api/1/devices"), 502, "upstream_failed")
+
+
+def test_upstream_down_with_health_checks_answered_503(proxy: ProxyFactory) -> None:
+    # with checks (the default) the failed connect marks the only server down: no server is
+    # up, so the request (tried again) and the next ones get 503 at once
+    port = proxy(servers=[f"127.0.0.1:{free_port()}"]).sdk_port
+    assert_error(get(port, "/api/1/devices"), 503, "no_healthy_upstream")
+    assert_error(get(port, "/api/1/devices"), 503, "no_healthy_upstream")
 
 
 # Upstream failures get a proxy of their own: passive health checks may remember them.

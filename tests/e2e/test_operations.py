@@ -256,11 +256,15 @@ def test_upstream_connection_close_answer_not_reused(
     assert b.conn_id == c.conn_id, "a keep-alive upstream connection is reused"
 
 
+#: the scripted backend numbers every connection it accepts: no health check may take a number
+NO_CHECKS = {"upstreams": {"cobrowse": {"health": False}}}
+
+
 def test_upstream_idle_connection_closed_by_backend_not_used(
     proxy: ProxyFactory, scripted: Callable[[str], ScriptedUpstream]
 ) -> None:
     backend = scripted("idle-close")
-    running = proxy(servers=[backend.address])
+    running = proxy(servers=[backend.address], overrides=NO_CHECKS)
     with HttpConnection(running.sdk_port) as conn:
         first = conn.get("/api/1/devices/a")
         assert (first.status, first.body) == (200, b"/api/1/devices/a on 0")
@@ -277,7 +281,7 @@ def test_upstream_stale_keepalive_retried_once_on_new_connection(
     proxy: ProxyFactory, scripted: Callable[[str], ScriptedUpstream], mode: str
 ) -> None:
     backend = scripted(mode)
-    port = proxy(servers=[backend.address]).sdk_port
+    port = proxy(servers=[backend.address], overrides=NO_CHECKS).sdk_port
     with HttpConnection(port) as conn:
         first = conn.get("/api/1/devices/a")
         assert (first.status, first.body) == (200, b"/api/1/devices/a on 0")

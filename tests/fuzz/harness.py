@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fastproxy.config import UpstreamConfig
+from fastproxy.errors import NoHealthyUpstream
 from fastproxy.exchange import Cycle, Exchange, ExchangeIO, UpstreamConn
 from fastproxy.http1 import ClientLeg, ServerLeg, UpstreamLeg
 from fastproxy.runtime import ListenerPlan
@@ -107,6 +108,8 @@ class FakeUpstream:
         #: "released", "discarded" or "closed" once the exchange is done with it
         self.fate = ""
         self.answered = False
+        #: the exchange said its server failed (passive health)
+        self.failed = False
 
     @property
     def live(self) -> bool:
@@ -144,6 +147,9 @@ class FakeUpstream:
 
     def discard(self) -> None:
         self.fate = "discarded"
+
+    def mark_failed(self) -> None:
+        self.failed = True
 
     def close(self) -> None:
         self.fate = "closed"
@@ -208,12 +214,15 @@ class Harness(ExchangeIO):
         respond: Callable[[FakeUpstream], bytes | None] = lambda conn: OK_RESPONSE,
         connect_later: bool = False,
         reused: bool = False,
+        no_server: bool = False,
     ) -> None:
         self.upstream_configs = upstreams
         self.respond = respond
         self.connect_later = connect_later
         #: pooled connections handed out claim to have carried a request before
         self.reused = reused
+        #: every server is down: ``open_upstream`` raises ``NoHealthyUpstream``
+        self.no_server = no_server
         self.worker = FakeWorker(default_hosts)
         self.listener = FakeListener(plan)
         self.now = 0.0
@@ -265,6 +274,12 @@ class Harness(ExchangeIO):
         self.run()
         return conn
 
+    def fail_connect(self, code: str = "upstream_failed") -> None:
+        """The connect started with ``connect_later`` failed."""
+        conn = self.connecting.pop(0)
+        self.exchange.upstream_failed(code, conn.config, self.now)
+        self.run()
+
     def take_client(self) -> bytes:
         data = bytes(self.client)
         self.client.clear()
@@ -298,6 +313,8 @@ class Harness(ExchangeIO):
         self.reading = reading
 
     def open_upstream(self, upstream: str, fresh: bool) -> UpstreamConn | None:
+        if self.no_server:
+            raise NoHealthyUpstream(upstream)
         conn = FakeUpstream(
             self,
             upstream,

@@ -149,11 +149,14 @@ class _Reset(Exception):
 class RecordingUpstream:
     """Start with ``start()``, stop with ``stop()``; the fixture ``upstream`` does both."""
 
-    def __init__(self, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         #: a server context: the upstream speaks TLS (tests of upstream TLS)
         self.ssl_context = ssl_context
-        self.port = 0
+        #: 0: an ephemeral port; another number: that port (a server restarted where it was)
+        self.port = port
         #: unexpected exceptions inside the server; a test's teardown fails if any are left
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -175,7 +178,7 @@ class RecordingUpstream:
 
     def start(self) -> None:
         self._thread.start()
-        if not self._ready.wait(10.0) or not self.port:
+        if not self._ready.wait(10.0) or not self.port or self.errors:
             raise RuntimeError(f"recording upstream did not start: {self.errors!r}")
 
     def stop(self) -> None:
@@ -249,7 +252,9 @@ class RecordingUpstream:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, self.host, 0, ssl=self.ssl_context)
+        server = await asyncio.start_server(
+            self._handle, self.host, self.port, ssl=self.ssl_context
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         await self._stopping.wait()

@@ -18,6 +18,7 @@ from fastproxy.config import (
     Balance,
     CertKey,
     Config,
+    HealthCheck,
     HttpParser,
     Limits,
     ListenerConfig,
@@ -825,6 +826,53 @@ ERRORS = [
         id="bad-server",
     ),
     pytest.param(
+        BASE.replace("[listeners.sdk]", "health = 1\n[listeners.sdk]"),
+        "fastproxy.toml: upstreams.cobrowse.health: expected true, false or a table, got 1",
+        id="health-not-a-table",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", 'health = { path = "up" }\n[listeners.sdk]'),
+        "fastproxy.toml: upstreams.cobrowse.health.path: expected a request target starting with "
+        '"/", visible ASCII, no spaces, got "up"',
+        id="health-path",
+    ),
+    pytest.param(
+        BASE.replace(
+            "[listeners.sdk]", "health = { interval_s = 1, timeout_s = 2 }\n[listeners.sdk]"
+        ),
+        "fastproxy.toml: upstreams.cobrowse.health.timeout_s: must be at most interval_s (1.0), "
+        "got 2.0",
+        id="health-timeout-over-interval",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", 'health = { statuses = ["2xx"] }\n[listeners.sdk]'),
+        "fastproxy.toml: upstreams.cobrowse.health.statuses[0]: expected a status (200) or a "
+        'range ("200-399"), got "2xx"',
+        id="health-status-range",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", "health = { statuses = [] }\n[listeners.sdk]"),
+        "fastproxy.toml: upstreams.cobrowse.health.statuses: at least one status or range is "
+        "required, got []",
+        id="health-no-status",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", "health = { fall = 0 }\n[listeners.sdk]"),
+        "fastproxy.toml: upstreams.cobrowse.health.fall: must be at least 1, got 0",
+        id="health-fall",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", "health = { rsie = 2 }\n[listeners.sdk]"),
+        'fastproxy.toml: upstreams.cobrowse.health: unknown key, got "rsie" (did you mean "rise"? '
+        "known: fall, interval_s, path, rise, statuses, timeout_s)",
+        id="health-unknown-key",
+    ),
+    pytest.param(
+        BASE.replace("[listeners.sdk]", "next_upstream_tries = 0\n[listeners.sdk]"),
+        "fastproxy.toml: upstreams.cobrowse.next_upstream_tries: must be at least 1, got 0",
+        id="next-upstream-tries",
+    ),
+    pytest.param(
         "!workers = 2\n",
         'fastproxy.toml: missing key "upstreams" (at least one [upstreams.NAME] table)',
         id="no-upstreams",
@@ -958,8 +1006,20 @@ def test_config_dump_roundtrip_everything(tmp_path: Path) -> None:
         balance = "least_conn"
         keepalive = 4
 
+        [upstreams.cobrowse.health]
+        path = "/healthz?full=1"
+        interval_s = 5
+        timeout_s = 2.5
+        statuses = [200, "300-302"]
+        rise = 2
+        fall = 3
+
         [upstreams.files]
         servers = ["10.0.0.9:80"]
+        health = false
+        down_for_s = 30
+        next_upstream_tries = 1
+        next_upstream_timeout_s = 2
 
         [policies.sdk-plus]
         extends = "cobrowse-sdk"
@@ -999,6 +1059,12 @@ def test_config_dump_roundtrip_everything(tmp_path: Path) -> None:
         """
     )
     text = dump_config(config)
+    assert config.upstreams["cobrowse"].health == HealthCheck(
+        "/healthz?full=1", 5.0, 2.5, ((200, 200), (300, 302)), 2, 3
+    )
+    files = config.upstreams["files"]
+    assert files.health is None and files.down_for_s == 30.0
+    assert (files.next_upstream_tries, files.next_upstream_timeout_s) == (1, 2.0)
     assert "[policies.sdk-plus.rules.acme-challenge]" in text
     assert "extends" not in text
     again = roundtrip(config, tmp_path)

@@ -285,13 +285,103 @@ def test_a_stale_connection_is_not_retried_for_a_post() -> None:
     assert h.effects.closed == "close"
 
 
-def test_a_connect_that_fails_is_a_502_and_reading_waits_for_the_connect() -> None:
+def test_a_connect_that_fails_twice_is_a_502_and_reading_waits_for_the_connect() -> None:
     h = harness(connect_later=True)
     h.send(GET)
     assert state(h) is State.UPSTREAM and not h.reading
-    h.exchange.upstream_failed("upstream_failed")
+    h.fail_connect()
+    # tried again (another server: the pool took the failed one out of its rotation)
+    assert state(h) is State.UPSTREAM and not h.records and len(h.connecting) == 1
+    h.fail_connect()
     assert [(r.status, r.code) for r in h.records] == [(502, "upstream_failed")]
+    assert [code for _, code in h.effects.errors] == ["upstream_failed", "upstream_failed"]
     assert h.effects.closed == "close"
+
+
+def test_the_one_server_of_an_upstream_without_checks_is_not_tried_twice() -> None:
+    config = parse_config(
+        {
+            "upstreams": {"origin": {"servers": ["127.0.0.1:9"], "health": False}},
+            "listeners": {"sdk": {"bind": "127.0.0.1:0", "policy": "cobrowse-sdk"}},
+        },
+        "one.toml",
+    )
+    h = harness(snapshot=Snapshot.build(config, 1), connect_later=True)
+    h.send(GET)
+    h.fail_connect()
+    # nothing would take it out of the rotation, so a second attempt would go to it again
+    assert [(r.status, r.code) for r in h.records] == [(502, "upstream_failed")]
+    assert not h.connecting and h.effects.closed == "close"
+
+
+def test_a_failed_connect_is_tried_again_and_the_second_server_answers() -> None:
+    h = harness(connect_later=True)
+    h.send(b"POST /api/1/devices HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    h.fail_connect("upstream_timeout")
+    second = h.connect()
+    # the body went to the second server whole: no byte had gone to the first
+    assert second.body_events == [b"abc"] and second.request_ended
+    assert statuses(h) == [200]
+
+
+def upstream_snapshot(**spec: object) -> Snapshot:
+    document: dict[str, Any] = {
+        "upstreams": {"u": {"servers": ["127.0.0.1:1", "127.0.0.1:2"], **spec}},
+        "listeners": {"web": {"bind": "127.0.0.1:0", "policy": "p"}},
+        "policies": {"p": {"fallback": "forward"}},
+    }
+    return Snapshot.build(parse_config(document, "t.toml"), 1)
+
+
+def test_no_second_try_when_next_upstream_tries_is_1() -> None:
+    h = harness("web", upstream_snapshot(next_upstream_tries=1), connect_later=True)
+    h.send(GET)
+    h.fail_connect()
+    assert [(r.status, r.code) for r in h.records] == [(502, "upstream_failed")]
+
+
+def test_no_second_try_once_the_request_is_older_than_next_upstream_timeout() -> None:
+    h = harness("web", upstream_snapshot(next_upstream_timeout_s=3), connect_later=True)
+    h.send(GET)
+    h.advance(3.5)
+    h.fail_connect("upstream_timeout")
+    assert [(r.status, r.code) for r in h.records] == [(504, "upstream_timeout")]
+
+
+def test_no_server_up_is_a_503_at_once_without_a_connect() -> None:
+    h = harness(no_server=True)
+    h.send(GET)
+    assert [(r.status, r.code) for r in h.records] == [(503, "no_healthy_upstream")]
+    assert h.upstreams == [] and h.effects.closed == "close"
+    assert b'"error":"no_healthy_upstream"' in h.take_client()
+
+
+def test_a_fresh_connection_reset_before_any_byte_marks_the_server_and_retries_a_get() -> None:
+    h = harness(respond=lambda conn: None)
+    h.send(GET)
+    first = h.upstreams[0]
+    first.lose()
+    assert first.failed and not h.records
+    second = h.connect()
+    assert second.request_ended
+    second.answer(OK_RESPONSE)
+    assert statuses(h) == [200]
+
+
+def test_a_reset_before_any_byte_is_not_retried_for_a_post() -> None:
+    h = harness(respond=lambda conn: None)
+    h.send(b"POST /api/1/devices HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+    h.upstreams[0].lose()
+    assert h.upstreams[0].failed and len(h.upstreams) == 1
+    assert [(r.status, r.code) for r in h.records] == [(502, "upstream_failed")]
+
+
+def test_a_reset_after_response_bytes_is_not_retried_nor_marked() -> None:
+    h = harness(respond=lambda conn: None)
+    h.send(GET)
+    h.upstreams[0].answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    h.upstreams[0].lose()
+    assert not h.upstreams[0].failed and len(h.upstreams) == 1
 
 
 def test_a_response_that_breaks_http_before_its_head_is_a_502() -> None:

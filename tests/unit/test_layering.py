@@ -23,10 +23,12 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "log": ({"errors"}, {"orjson"}),
     "admin": ({"metrics", "http1", "fastproxy"}, set()),
     "tls": ({"errors", "config"}, set()),
-    "upstream": ({"errors", "config", "http1", "tls"}, set()),
+    "upstream": ({"errors", "config", "health", "http1", "tls"}, set()),
     "deadlines": (set(), set()),
     "runtime": ({"config", "policy"}, set()),
-    "exchange": ({"config", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
+    "exchange": ({"config", "errors", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
+    "health": ({"config"}, set()),
+    "checker": ({"health"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
@@ -52,7 +54,19 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     ),
     "systemd": ({"errors"}, set()),
     "master": (
-        {"errors", "config", "control", "log", "metrics", "runtime", "systemd", "tls", "worker"},
+        {
+            "errors",
+            "checker",
+            "config",
+            "control",
+            "health",
+            "log",
+            "metrics",
+            "runtime",
+            "systemd",
+            "tls",
+            "worker",
+        },
         set(),
     ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
@@ -86,6 +100,7 @@ PURE = {
     "wsrelay",
     "runtime",
     "exchange",
+    "health",
 }
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
 THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
