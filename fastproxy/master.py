@@ -468,8 +468,9 @@ class Master:
         except (FastproxyError, OSError) as err:
             for sock in added.values():
                 sock.close()
-            logger.warning("reload failed, still serving generation %d: %s", current, err)
+            # counted before it is said: whoever reads the log line finds the counter moved
             self._count_reload(ok=False)
+            logger.warning("reload failed, still serving generation %d: %s", current, err)
             self._notify_ready_or_status(f"{self._status()}; the last reload failed: {err}")
             return
         for name in changes.close:
@@ -557,9 +558,9 @@ class Master:
             return
         generation = self._snapshot.generation
         ok = not self._reload_errors
+        self._count_reload(ok=ok)  # before the log line, which tests and operators wait for
         if ok:
             logger.info("generation %d applied by every worker", generation)
-        self._count_reload(ok=ok)
         status = self._status()
         if not ok:
             status += "; workers that failed to apply it were replaced"
