@@ -456,6 +456,27 @@ class ExchangeIO(Protocol):
         """A checked 101 was relayed: the connection is a tunnel from now on."""
 
 
+def error_response(
+    status: int,
+    code: str,
+    request_id: bytes,
+    *,
+    close: bool,
+    head_only: bool = False,
+    field: bytes = b"",
+) -> bytes:
+    """A whole local answer: ``error_body`` as JSON (none when ``code`` is empty)."""
+    return local_response(
+        status,
+        error_body(code, request_id) if code else b"",
+        content_type=b"application/json",
+        request_id=request_id,
+        close=close,
+        head_only=head_only,
+        field=field,
+    )
+
+
 def error_body(code: str, request_id: bytes) -> bytes:
     """The JSON body of a local answer; ``request_id`` is visible ASCII."""
     rid = request_id.decode("ascii")
@@ -1326,13 +1347,5 @@ class Exchange:
         field: bytes = b"",
     ) -> None:
         self.io.write_client(
-            local_response(
-                status,
-                error_body(code, request_id) if code else b"",
-                content_type=b"application/json",
-                request_id=request_id,
-                close=close,
-                head_only=head_only,
-                field=field,
-            )
+            error_response(status, code, request_id, close=close, head_only=head_only, field=field)
         )

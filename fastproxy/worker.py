@@ -67,8 +67,8 @@ from fastproxy import admin, control, log, tls
 from fastproxy.config import Config, HttpParser, Limits, UpstreamConfig, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import INTERNAL_ERROR, OVERLOADED, ConfigError
-from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict, error_body
-from fastproxy.http1 import ClientLeg, ServerLeg, local_response
+from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict, error_response
+from fastproxy.http1 import ClientLeg, ServerLeg
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Decision
 from fastproxy.runtime import ListenerPlan, Snapshot, diff
@@ -669,15 +669,7 @@ class ClientProtocol(asyncio.Protocol):
                 extra=extra,
             )
         request_id = worker.next_request_id()
-        transport.write(
-            local_response(
-                503,
-                error_body(OVERLOADED, request_id),
-                content_type=b"application/json",
-                request_id=request_id,
-                close=True,
-            )
-        )
+        transport.write(error_response(503, OVERLOADED, request_id, close=True))
         if not linger:
             transport.close()
             return
@@ -720,15 +712,7 @@ class ClientProtocol(asyncio.Protocol):
             exchange.state = State.CLOSED
             if answer:
                 request_id = (cycle.request_id if cycle else b"") or self.worker.next_request_id()
-                transport.write(
-                    local_response(
-                        500,
-                        error_body(INTERNAL_ERROR, request_id),
-                        content_type=b"application/json",
-                        request_id=request_id,
-                        close=True,
-                    )
-                )
+                transport.write(error_response(500, INTERNAL_ERROR, request_id, close=True))
                 transport.close()
             else:
                 self.close_client(abort=True)

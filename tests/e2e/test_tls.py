@@ -30,6 +30,7 @@ from support.client import (
     host_of,
 )
 from support.proxy import ProxyFactory, RunningProxy, free_port
+from support.spec import SPEC_EXAMPLE
 from support.upstream import RecordingUpstream
 
 TOOL_TIMEOUT_S = 20.0
@@ -93,30 +94,6 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes]
 
 
 # -- the SPEC 3 example ---------------------------------------------------------------------------
-
-SPEC_EXAMPLE = """\
-workers = 2                        # default: CPU count
-
-[upstreams.cobrowse]
-servers = ["10.0.0.5:8080", "10.0.0.6:8080"]
-
-[listeners.sdk]                    # public: SDK devices
-bind = "0.0.0.0:8443"
-policy = "cobrowse-sdk"            # preset policies: cobrowse-sdk, cobrowse-agent
-upstream = "cobrowse"
-tls = { cert = "/etc/fastproxy/tls.crt", key = "/etc/fastproxy/tls.key" }
-
-[listeners.agent]                  # internal: agents
-bind = "10.1.0.2:8080"
-policy = "cobrowse-agent"
-upstream = "cobrowse"
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[presets.cobrowse]                 # toggles of section 2
-pin_sdk = true
-"""
 
 
 def spec_example(directory: Path, pair: Pair) -> str:

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from support.spec import SPEC_EXAMPLE
 
 from fastproxy.config import (
     BUILT_IN_SOURCE,
@@ -38,29 +39,6 @@ from fastproxy.policy import Action, PrefixTable, Refusal, Rule
 MIB = 1024 * 1024
 
 # SPEC 3, verbatim.
-SPEC_EXAMPLE = """\
-workers = 2                        # default: CPU count
-
-[upstreams.cobrowse]
-servers = ["10.0.0.5:8080", "10.0.0.6:8080"]
-
-[listeners.sdk]                    # public: SDK devices
-bind = "0.0.0.0:8443"
-policy = "cobrowse-sdk"            # preset policies: cobrowse-sdk, cobrowse-agent
-upstream = "cobrowse"
-tls = { cert = "/etc/fastproxy/tls.crt", key = "/etc/fastproxy/tls.key" }
-
-[listeners.agent]                  # internal: agents
-bind = "10.1.0.2:8080"
-policy = "cobrowse-agent"
-upstream = "cobrowse"
-
-[admin]
-bind = "127.0.0.1:9901"
-
-[presets.cobrowse]                 # toggles of section 2
-pin_sdk = true
-"""
 SPEC_TLS_LINE = 'tls = { cert = "/etc/fastproxy/tls.crt", key = "/etc/fastproxy/tls.key" }\n'
 SPEC_EXAMPLE_WITHOUT_TLS = SPEC_EXAMPLE.replace(SPEC_TLS_LINE, "")
 
