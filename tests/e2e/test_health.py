@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from support.client import HttpConnection, get
 from support.proxy import ProxyFactory, RunningProxy, merge
-from support.raw import ThreadedOrigin, ok
+from support.raw import RawUpstream, ThreadedOrigin, ok
 from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
@@ -148,13 +148,11 @@ def test_every_server_down_is_a_503_at_once_and_readyz_says_why(
             server.stop()
 
 
-class StatusOrigin(ThreadedOrigin):
+class StatusOrigin(RawUpstream):
     """Answers ``GET /up`` with ``up_status`` and everything else with 200; records targets."""
 
     def __init__(self, up_status: int) -> None:
-        super().__init__()
-        self.up_status = up_status
-        self.targets: list[bytes] = []
+        super().__init__({b"/up": b"HTTP/1.1 %d Nope\r\nContent-Length: 0\r\n\r\n" % up_status})
 
     def served(self) -> list[bytes]:
         with self._lock:
@@ -163,26 +161,6 @@ class StatusOrigin(ThreadedOrigin):
     def checks(self) -> int:
         with self._lock:
             return self.targets.count(b"/up")
-
-    def _serve(self, sock: socket.socket, index: int) -> None:
-        buffer = b""
-        with sock:
-            while not self._stopping.is_set():
-                taken = self.read_head(sock, buffer)
-                if taken is None:
-                    return
-                head, buffer = taken
-                target = head.split(b" ", 2)[1]
-                with self._lock:
-                    self.targets.append(target)
-                if target == b"/up":
-                    answer = b"HTTP/1.1 %d Nope\r\nContent-Length: 0\r\n\r\n" % self.up_status
-                else:
-                    answer = ok(target)
-                try:
-                    sock.sendall(answer)
-                except OSError:
-                    return
 
 
 def test_a_respawned_worker_knows_which_server_is_down(
