@@ -146,9 +146,12 @@ def server_tls(tls: TlsConfig, where: str, source: str, *, now: float) -> Server
             else:
                 exact.setdefault(name, context)
     result = ServerTls(contexts[0], tls.handshake_timeout_s, exact, wildcard)
-    for context in contexts:
-        # every context carries the callback: OpenSSL calls the one the handshake started with
-        context.sni_callback = result._on_sni
+    if len(contexts) > 1:
+        # every context carries the callback: OpenSSL calls the one the handshake started
+        # with. With one certificate there is nothing to choose, and no Python call per
+        # handshake.
+        for context in contexts:
+            context.sni_callback = result._on_sni
     return result
 
 

@@ -429,7 +429,10 @@ def test_tls_plaintext_and_garbage_are_closed_and_disturb_no_one(
 
 
 def test_tls_undecodable_server_names_fail_quietly(factory: ProxyFactory, ca: Authority) -> None:
-    proxy = tls_proxy(factory, ca.issue("sdk.example"))
+    # two certificates: the name is looked at (with one, there is nothing to choose and the
+    # default certificate serves any name, as nginx does)
+    other = ca.issue("other.example")
+    proxy = tls_proxy(factory, ca.issue("sdk.example"), tls={"certificates": [other.table()]})
     port = proxy.sdk_port
     for name in (b"a\xffb.example", "caf\u00e9.example".encode()):
         result = subprocess.run(
