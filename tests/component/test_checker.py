@@ -72,9 +72,7 @@ def servers() -> Iterator[list[OneShotServer]]:
         server.stop()
 
 
-def run_checks(
-    port: int, tls: object = None, **health: object
-) -> tuple[list[Change], HealthBoard]:
+def run_checks(port: int, tls: object = None, **health: object) -> tuple[list[Change], HealthBoard]:
     """Two checks of one server (fall = 2, rise = 1) driven on a selector; their changes.
     ``tls``: the upstream's ``tls`` setting, its client context built as the master does."""
     upstream: dict[str, object] = {
