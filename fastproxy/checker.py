@@ -66,10 +66,20 @@ class _Wait(Exception):
 class Probe:
     """One check under way."""
 
-    __slots__ = ("buf", "deadline", "events", "out", "sock", "state", "step")
+    __slots__ = ("buf", "deadline", "events", "out", "sock", "state", "step", "tls")
 
-    def __init__(self, state: ServerHealth, sock: socket.socket, deadline: float, out: bytes):
+    def __init__(
+        self,
+        state: ServerHealth,
+        sock: socket.socket,
+        deadline: float,
+        out: bytes,
+        tls: tuple[ssl.SSLContext, str] | None = None,
+    ):
         self.state = state
+        #: a TLS upstream's client context and server name (SNI, the name verified), as the
+        #: settings were when the check started
+        self.tls = tls
         #: the TCP socket, replaced by its ``ssl.SSLSocket`` once connected (TLS upstreams)
         self.sock = sock
         self.deadline = deadline
@@ -93,7 +103,7 @@ class Checker:
 
     def use_tls(self, contexts: Mapping[UpstreamTls, ssl.SSLContext]) -> None:
         """The client contexts of the current generation (``tls.Contexts.upstreams``); checks
-        under way keep the context they started with."""
+        under way keep the one they started with."""
         self._tls = contexts
 
     def tick(self, now: float) -> list[Change]:
@@ -163,6 +173,13 @@ class Checker:
         check = state.check
         assert check is not None
         self.board.check_started(state, now)
+        tls = None
+        if state.tls is not None:
+            context = self._tls.get(state.tls)
+            if context is None:  # the master gives the contexts of every generation it syncs
+                self._report(state, False, "TLS: no client context for its settings", changes)
+                return
+            tls = (context, state.tls.server_name or state.host)
         try:
             family, address = self._resolve(state, now)
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -174,7 +191,7 @@ class Checker:
         if state.tls is not None and state.tls.server_name:
             host = f"{state.tls.server_name}:{state.port}"
         request = _REQUEST % (check.path.encode("ascii"), host.encode("ascii"))
-        probe = Probe(state, sock, now + check.timeout_s, request)
+        probe = Probe(state, sock, now + check.timeout_s, request, tls)
         code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS):
             sock.close()
@@ -200,14 +217,11 @@ class Checker:
         error = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
-        tls = probe.state.tls
-        if tls is None:
+        if probe.tls is None:
             probe.step = SENDING
             return
         probe.step = HANDSHAKE
-        context = self._tls.get(tls)
-        if context is None:  # the master gives the contexts of every generation it syncs
-            raise OSError(errno.EINVAL, "no client context for these settings")
+        context, server_hostname = probe.tls
         sock = probe.sock
         fd = sock.fileno()
         # the SSLSocket takes over the descriptor (``sock`` is detached): the selector and
@@ -216,9 +230,7 @@ class Checker:
         del self.probes[fd]
         try:
             probe.sock = context.wrap_socket(
-                sock,
-                server_hostname=tls.server_name or probe.state.host,
-                do_handshake_on_connect=False,
+                sock, server_hostname=server_hostname, do_handshake_on_connect=False
             )
         except (OSError, ValueError) as err:
             sock.close()  # closed already when the SSLSocket took it and failed
