@@ -33,19 +33,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fastproxy.config import HealthCheck, UpstreamConfig
+from fastproxy.config import HealthCheck, UpstreamConfig, UpstreamTls
 
 #: longest status line read from a check's answer
 MAX_STATUS_LINE_BYTES = 1024
 
 
 def active_check(spec: UpstreamConfig) -> HealthCheck | None:
-    """The active checks of an upstream's servers, None when there are none.
-
-    The check client speaks plain HTTP: an upstream with TLS (a setting added beside this one)
-    keeps passive marks only until ``checker`` gets its TLS step.
-    """
-    return None if getattr(spec, "tls", None) else spec.health
+    """The active checks of an upstream's servers, None when there are none (``health =
+    false``). An upstream with ``tls`` is checked over TLS, with its own settings."""
+    return spec.health
 
 
 def passive_applies(spec: UpstreamConfig) -> bool:
@@ -91,6 +88,8 @@ class ServerHealth:
     host: str
     port: int
     check: HealthCheck | None
+    #: the upstream's TLS settings: checks run over TLS with them (None: plain HTTP)
+    tls: UpstreamTls | None
     down_for_s: float
     #: passive marks apply (see the module notes)
     passive: bool
@@ -136,13 +135,14 @@ class HealthBoard:
                 state = old.get((name, label))
                 if state is None:
                     state = ServerHealth(
-                        name, label, address.host, address.port, check, spec.down_for_s,
-                        passive, next_check=now,
+                        name, label, address.host, address.port, check, spec.tls,
+                        spec.down_for_s, passive, next_check=now,
                     )  # fmt: skip
                 else:
-                    if state.check != check:
+                    if state.check != check or state.tls != spec.tls:
                         state.next_check = now
                     state.check = check
+                    state.tls = spec.tls
                     state.down_for_s = spec.down_for_s
                     state.passive = passive
                 new[(name, label)] = state

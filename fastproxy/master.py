@@ -255,6 +255,8 @@ class Master:
         self._health = HealthBoard()
         self._health.sync(config.upstreams, time.monotonic())
         self._checker = Checker(self._health, self._selector)
+        # the client contexts of the checks of TLS upstreams (``cli`` has checked the files)
+        self._checker.use_tls(tls.build(config).upstreams)
 
     def _check_nofile_limit(self) -> None:
         """Warn, once at start, when the open-files limit cannot hold ``max_connections``."""
@@ -452,7 +454,7 @@ class Master:
         try:
             config = self._loader()
             snapshot = Snapshot.build(config, generation)
-            tls.build(config)  # the certificates as the workers will read them
+            contexts = tls.build(config)  # the certificates as the workers will read them
             changes = diff(self._snapshot, snapshot)
             if changes.admin:
                 raise ConfigError(
@@ -484,6 +486,7 @@ class Master:
             )
         self._config = config
         self._snapshot = snapshot
+        self._checker.use_tls(contexts.upstreams)
         for change in self._health.sync(config.upstreams, time.monotonic()):
             self._log_change(change)
         self._resize_pool(config.workers)

@@ -1,5 +1,6 @@
 """Upstream health: active checks run once by the master, passive marks shared by every worker,
-failed connects and early resets tried on another server, 503 with no server up, /readyz.
+failed connects and early resets tried on another server, 503 with no server up, /readyz;
+checks over TLS to TLS upstreams.
 
 Real processes: the proxy (master and workers) in a subprocess, recording upstreams in threads
 stopped and restarted on the same port. Counts and states, not timings: every wait is generous
@@ -15,8 +16,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from support.certs import Authority
 from support.client import HttpConnection, get
 from support.proxy import ProxyFactory, RunningProxy, merge
 from support.raw import RawUpstream, ThreadedOrigin, ok
@@ -321,3 +324,71 @@ def test_reload_checks_the_new_server_set_and_health_false_sends_no_check(
         assert len(upstream.requests(include_health=True)) - len(upstream.requests()) == checks
     finally:
         sick.stop()
+
+
+def test_tls_upstreams_are_checked_over_tls_down_and_back_without_a_client_error(
+    factory: ProxyFactory, tmp_path: Path
+) -> None:
+    ca = Authority(tmp_path / "certs")
+    backends = [
+        RecordingUpstream(ssl_context=ca.server_context("backend.example")) for _ in range(2)
+    ]
+    for backend in backends:
+        backend.start()
+    a, b = backends
+    label = b.address
+    try:
+        tls = {"ca": str(ca.ca_file), "server_name": "backend.example"}
+        proxy = factory(overrides=merge(_cobrowse([a.address, label], tls=tls), {"workers": 2}))
+        statuses: list[int] = []
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                with HttpConnection(proxy.sdk_port) as conn:
+                    statuses.append(conn.get("/api/1/devices").status)
+
+        # the checks reach both servers through a verified handshake and pass
+        _wait(
+            "a check of each server",
+            lambda: all(s.requests(include_health=True) != s.requests() for s in backends),
+        )
+        assert _metrics(proxy) == {a.address: 1.0, label: 1.0}
+        send(20)
+        assert a.requests() and b.requests(), "round robin reaches both servers"
+
+        # no traffic while it is down: the checks alone find it
+        b.stop()
+        _wait("the stopped server is marked down", _down(proxy, label))
+        proxy.wait_for_message(
+            f"upstream cobrowse server {label} is down: 2 checks failed: Connection refused"
+        )
+        a.reset()
+        send(20)
+        assert len(a.requests()) == 20
+
+        restarted = RecordingUpstream(port=b.port, ssl_context=ca.server_context("backend.example"))
+        backends.append(restarted)
+        restarted.start()
+        _wait("the restarted server is up", _up(proxy, label))
+        proxy.wait_for_message(f"upstream cobrowse server {label} is up: check passed")
+
+        def traffic_back() -> bool:
+            send(4)
+            return bool(restarted.requests())
+
+        _wait("the restarted server gets requests again", traffic_back)
+        assert statuses == [200] * len(statuses), statuses
+        assert not any("is down" in m and a.address in m for m in proxy.messages())
+    finally:
+        # the proxies first: a handshake under way when a backend's loop closes would be
+        # left unclosed (the server tracks connections once their handshake is done)
+        factory.stop_all()
+        deadline = time.monotonic() + 10.0
+        for backend in backends:
+            while time.monotonic() < deadline and not all(c.closed for c in backend.connections()):
+                time.sleep(0.05)
+        time.sleep(0.2)
+        for backend in backends:
+            backend.stop()
+    for backend in backends:
+        assert not backend.errors, backend.errors

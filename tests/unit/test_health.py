@@ -121,6 +121,25 @@ def test_health_sync_keeps_the_state_of_servers_that_stay() -> None:
     assert b.due(10.0) == []
 
 
+def test_health_tls_upstreams_are_checked_and_a_tls_change_checks_at_once() -> None:
+    b = board(A, tls=True)
+    state = b.servers[("u", A)]
+    assert state.check is not None and state.tls is not None and state.tls.verify
+    assert [s.label for s in b.due(0.0)] == [A]
+    # the only server of a checked TLS upstream: passive marks apply, as for a plain one
+    assert b.passive_failure("u", A, "refused", 0.0) is not None
+    b2 = board(A, B, tls={"verify": False})
+    check(b2, A, False, 0.0)
+    check(b2, A, False, 1.0)
+    assert b2.due(1.5) == [b2.servers[("u", B)]]
+    # new TLS settings (the right CA, say): the state stays, the next check is due at once
+    changes = b2.sync(upstreams(A, B, tls={"server_name": "backend.example"}), 2.0)
+    assert changes == [] and b2.table()["u"] == {A: False, B: True}
+    assert {s.label for s in b2.due(2.0)} == {A, B}
+    tls = b2.servers[("u", A)].tls
+    assert tls is not None and tls.server_name == "backend.example"
+
+
 def test_health_result_of_a_removed_server_is_ignored() -> None:
     b = board(A, B)
     state: ServerHealth = b.servers[("u", B)]

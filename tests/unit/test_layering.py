@@ -28,7 +28,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "runtime": ({"config", "policy"}, set()),
     "exchange": ({"config", "errors", "headers", "http1", "policy", "runtime", "wsrelay"}, set()),
     "health": ({"config"}, set()),
-    "checker": ({"health"}, set()),
+    "checker": ({"health", "config"}, set()),
     "control": ({"errors"}, set()),
     "worker": (
         {
