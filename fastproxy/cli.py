@@ -247,6 +247,10 @@ def cmd_run(
 def _run_master(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
     try:
         return Master(cfg, loader=loader).run()
+    except ConfigError as err:
+        # a TLS file that changed between the check and the start
+        _error(str(err))
+        return EXIT_CONFIG
     except (BindError, SystemdError) as err:
         _error(str(err))
         return EXIT_FAILURE
