@@ -43,6 +43,7 @@ def browser(url: str, profile: Path, args: Sequence[str] = ()) -> Iterator[subpr
         "--headless=new",
         "--no-sandbox",  # root in a container has no user namespace for the sandbox
         "--disable-gpu",
+        "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MB
         "--no-first-run",
         "--disable-background-networking",
         "--disable-component-update",
