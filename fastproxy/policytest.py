@@ -191,7 +191,12 @@ def _cases_file(path: str, data: Mapping[str, object]) -> CasesFile:
     for index, raw in enumerate(raw_cases, 1):
         case = _case(index, raw)
         if case.name in names:
-            raise _bad(f"case[{index}].name", f"the name of case[{names[case.name]}]", case.name)
+            raise _bad(
+                f"case[{index}].name",
+                f"the same name as case[{names[case.name]}]",
+                case.name,
+                "give each case a name of its own",
+            )
         names[case.name] = index
         cases.append(case)
     return CasesFile(path, config_path, tuple(cases))

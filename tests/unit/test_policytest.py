@@ -179,7 +179,8 @@ def test_policytest_config_option_wins_over_the_file(
         ),
         (
             ONE_CASE + ONE_CASE,
-            'cases.toml: case[2].name: the name of case[1], got "devices"',
+            'cases.toml: case[2].name: the same name as case[1], got "devices" (give each case '
+            "a name of its own)",
         ),
         (
             'config = "missing.toml"\n' + ONE_CASE,
