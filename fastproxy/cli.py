@@ -486,7 +486,7 @@ def _upstream_text(cfg: Config, listener: ListenerConfig, decision: Decision) ->
 
 
 def cmd_test(path: str | None, cases_path: str, *, quiet: bool) -> int:
-    """``fastproxy test``: run every case of ``cases_path`` through the worker's admission.
+    """``fastproxy test``: run every case of ``cases_path`` through the worker's exchange.
 
     0 when every case passes, 1 when one does not (each failure named, expected against got),
     2 for a cases file or configuration that cannot be used."""

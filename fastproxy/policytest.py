@@ -1,4 +1,4 @@
-"""Policy cases (SPEC 10): load a cases file and run each case through the worker's admission.
+"""Policy cases (SPEC 10): load a cases file and run each case through the worker's exchange.
 
 Imports ``config``, ``errors``, ``exchange``, ``http1`` and ``runtime``; never asyncio, sockets,
 ``worker`` or ``master``. ``cli`` (``fastproxy test``) prints the results and chooses the exit
@@ -21,10 +21,13 @@ fastproxy answers itself; a forwarded request has none), ``code`` (the stable JS
 ``rule``, ``target`` (the request target sent upstream), ``upstream`` and ``location`` (of a
 redirect). Only the keys given are compared.
 
-Invariants: a case is decided by ``exchange.admit`` on ``runtime.Snapshot``, the function and the
-tables a worker runs for every request head, with the request target it sends upstream; nothing
-here re-implements a policy. Every mistake in the file is a ``ConfigError`` naming the file, the
-key (``case[3].expect.decision``) and the value.
+Invariants: a case runs through the code a worker runs: its request, as bytes, is fed to an
+``exchange.Exchange`` (head scanner, ``admit``, local answers, the request written upstream) on
+the listener's ``runtime.ListenerPlan``, with this module's recording I/O in place of sockets,
+timers and pools; the target compared is read back from the bytes written to the upstream, and
+nothing here re-implements a policy. The h11 leg parses the head (the reference parser; the
+decision does not depend on it). Every mistake in the file is a ``ConfigError`` naming the file,
+the key (``case[3].expect.decision``) and the value.
 """
 
 from __future__ import annotations
@@ -34,15 +37,15 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastproxy.config import Config
+from fastproxy.config import Config, UpstreamConfig
 from fastproxy.errors import ConfigError
-from fastproxy.exchange import Admission, Verdict, admit
-from fastproxy.http1 import RequestHead
-from fastproxy.runtime import Snapshot
+from fastproxy.exchange import Cycle, Exchange, UpstreamConn, Verdict
+from fastproxy.http1 import ClientLeg, ServerLeg, UpstreamLeg
+from fastproxy.runtime import ListenerPlan, Snapshot
 
 #: the keys ``expect`` may hold, in the order a report shows them
 EXPECT_KEYS = ("decision", "status", "code", "rule", "target", "upstream", "location")
@@ -190,14 +193,16 @@ def _cases_file(path: str, data: Mapping[str, object]) -> CasesFile:
     names: dict[str, int] = {}
     for index, raw in enumerate(raw_cases, 1):
         case = _case(index, raw)
-        if case.name in names:
+        named = isinstance(raw, dict) and "name" in raw  # a default name may repeat
+        if named and case.name in names:
             raise _bad(
                 f"case[{index}].name",
                 f"the same name as case[{names[case.name]}]",
                 case.name,
                 "give each case a name of its own",
             )
-        names[case.name] = index
+        if named:
+            names[case.name] = index
         cases.append(case)
     return CasesFile(path, config_path, tuple(cases))
 
@@ -276,37 +281,156 @@ def check_listeners(cases: CasesFile, cfg: Config) -> None:
 
 
 def run_case(snapshot: Snapshot, case: Case) -> Result:
-    """What the worker does with ``case``'s request head on its listener."""
+    """What the worker does with ``case``'s request on its listener: the request's bytes fed to
+    an ``exchange.Exchange`` whose I/O is recorded (``_CaseRun``)."""
     plan = snapshot.listeners[case.listener]
     headers = list(case.headers)
     if not any(name.lower() == b"host" for name, _ in headers):
         host = plan.table.decide(case.target).authority or str(plan.config.bind).encode()
         headers.insert(0, (b"Host", host))
-    admission = admit(
-        RequestHead(case.method, case.target, b"1.1", headers),
-        plan,
-        trusted=False,
-        peer=_PEER,
-        new_request_id=lambda: b"policy-test",
-        default_hosts=snapshot.default_hosts,
-    )
-    return Result(case, outcome(admission))
+    head = b"%s %s HTTP/1.1\r\n" % (case.method, case.target)
+    head += b"".join(b"%s: %s\r\n" % field for field in headers) + b"\r\n"
+    run = _CaseRun(snapshot, plan)
+    run.exchange.client_data(head, 0.0)
+    run.run()
+    return Result(case, run.outcome())
 
 
-def outcome(admission: Admission) -> dict[str, str | int]:
-    """The comparable facts of ``admission``: ``-`` where there is none."""
-    decision = admission.decision
-    forwarded = not admission.status and decision is not None
-    location = admission.field.partition(b": ")[2] if admission.status == 308 else b""
-    return {
-        "decision": admission.verdict.value,
-        "status": admission.status or "none (forwarded)",
-        "code": admission.code or "-",
-        "rule": decision.rule.name if decision is not None else "-",
-        "target": _text(decision.target) if forwarded and decision is not None else "-",
-        "upstream": (admission.upstream or "-") if forwarded else "-",
-        "location": _text(location) or "-",
-    }
+class _Upstream:
+    """The ``UpstreamConn`` a case's exchange writes its request to: kept, never answered."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.leg = UpstreamLeg()
+        self.reused = False
+        self.config = config
+        self.wire = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.wire += data
+
+    def writelines(self, data: list[bytes]) -> None:
+        for part in data:
+            self.wire += part
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def mark_failed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _CaseRun:
+    """One client connection of one case: a real ``Exchange`` whose ``ExchangeIO``, worker and
+    listener are this object. Client bytes and upstream writes are recorded; timers never fire
+    (the request arrives whole), ``soon`` runs in ``run``."""
+
+    def __init__(self, snapshot: Snapshot, plan: ListenerPlan) -> None:
+        # the WorkerView and PlanHolder of the exchange
+        self.leg_class: Callable[[int], ClientLeg] = ServerLeg
+        self.default_hosts = snapshot.default_hosts
+        self.plan = plan
+        self.upstreams = snapshot.upstreams
+        self.client = bytearray()
+        self.queue: list[Callable[[float], None]] = []
+        self.finished_as: tuple[Cycle | None, int, str] | None = None
+        self.upstream: _Upstream | None = None
+        self.exchange = Exchange(self, self, self)
+        self.exchange.open(_PEER)
+
+    def next_request_id(self) -> bytes:
+        return b"policy-test"
+
+    def run(self) -> None:
+        while self.queue:
+            self.queue.pop(0)(0.0)
+
+    def outcome(self) -> dict[str, str | int]:
+        """The comparable facts of the case: ``-`` where there is none."""
+        if self.finished_as is not None:
+            # answered by fastproxy (a forwarded request is never answered here)
+            cycle, status, code = self.finished_as
+            decision = cycle.decision if cycle is not None else None
+            location = b""
+            for line in bytes(self.client).split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.lower() == b"location":
+                    location = value.strip()
+            return {
+                "decision": cycle.verdict.value if cycle is not None else Verdict.REJECT.value,
+                "status": status,
+                "code": code or "-",
+                "rule": decision.rule.name if decision is not None else "-",
+                "target": "-",
+                "upstream": "-",
+                "location": _text(location) or "-",
+            }
+        cycle = self.exchange.cycle
+        upstream = self.upstream
+        if cycle is None or cycle.decision is None or upstream is None:
+            # neither answered nor forwarded: nothing the exchange does with a whole head
+            return dict.fromkeys(EXPECT_KEYS, "none (no answer)")
+        request_line = bytes(upstream.wire).partition(b"\r\n")[0]
+        return {
+            "decision": cycle.verdict.value,
+            "status": "none (forwarded)",
+            "code": "-",
+            "rule": cycle.decision.rule.name,
+            "target": _text(request_line.split(b" ")[1]),
+            "upstream": cycle.upstream_name,
+            "location": "-",
+        }
+
+    # -- ExchangeIO
+
+    def write_client(self, data: bytes) -> None:
+        self.client += data
+
+    def writelines_client(self, data: list[bytes]) -> None:
+        for part in data:
+            self.client += part
+
+    def close_client(self, abort: bool) -> None:
+        pass
+
+    def set_reading(self, reading: bool) -> None:
+        pass
+
+    def open_upstream(self, upstream: str, fresh: bool) -> UpstreamConn | None:
+        self.upstream = _Upstream(self.upstreams[upstream])
+        return self.upstream
+
+    def arm(self, delay: float) -> None:
+        pass
+
+    def cancel_timer(self) -> None:
+        pass
+
+    def soon(self, callback: Callable[[float], None]) -> None:
+        self.queue.append(callback)
+
+    def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
+        if self.finished_as is None:
+            self.finished_as = (cycle, status, code)
+
+    def upstream_error(self, upstream: str, code: str, detail: str) -> None:
+        pass
+
+    def switched(
+        self, cycle: Cycle, conn: UpstreamConn, client_rest: bytes, upstream_rest: bytes
+    ) -> None:
+        pass
 
 
 def _text(value: bytes) -> str:

@@ -237,3 +237,35 @@ def test_policytest_does_not_need_the_tls_files(
     cases = str(DEPLOY / "cobrowse-toggles-cases.toml")
     assert main(["test", "-q", "-c", config, cases]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_policytest_runs_the_exchange_head_scanner_and_limits(tmp_path: Path) -> None:
+    # refusals made before admission (URI and header limits, duplicate Host) hold in cases too
+    long_target = "/api/1/devices/" + "a" * 9000
+    headers = ", ".join(f'X-{n} = "v"' for n in range(101))
+    text = f"""
+[[case]]
+listener = "sdk"
+request = "GET {long_target}"
+expect = {{ decision = "reject", status = 414, code = "uri_too_long" }}
+
+[[case]]
+listener = "sdk"
+request = "GET /api/1/devices"
+headers = {{ {headers} }}
+expect = {{ decision = "reject", status = 431 }}
+
+[[case]]
+listener = "agent"
+request = "GET /api/1/x"
+headers = {{ Host = "a", host = "b" }}
+expect = {{ decision = "reject", status = 400 }}
+
+[[case]]
+listener = "sdk"
+request = "POST /api/1/devices"
+headers = {{ Content-Length = "5" }}
+expect = {{ decision = "forward", target = "/api/1/devices" }}
+"""
+    results = run_cases(load_config(None), load_cases(write(tmp_path, text)))
+    assert [result.mismatches for result in results] == [[], [], [], []]
