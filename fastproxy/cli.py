@@ -1,4 +1,4 @@
-"""The command line: ``fastproxy run | check | explain | dump-config | demo | version``.
+"""The command line: ``fastproxy run | check | explain | test | dump-config | demo | version``.
 
 The only module that chooses exit codes: 0 ok, 1 failure (``check`` finding an error, an unknown
 listener, a socket that cannot be bound), 2 usage, 3 a worker failed to boot (from the master),
@@ -6,8 +6,9 @@ listener, a socket that cannot be bound), 2 usage, 3 a worker failed to boot (fr
 keeps a broken file from restarting in a loop).
 
 Imports ``errors``, ``config``, ``policy`` (``explain`` classifies with the listener's table),
-``log`` and ``master``; ``demo`` only inside ``fastproxy demo``. It must not import ``worker``,
-asyncio or uvloop at import time: ``check`` and ``explain`` stay fast and side-effect free.
+``policytest`` (``test``), ``log`` and ``master``; ``demo`` only inside ``fastproxy demo``. It
+must not import ``worker``, asyncio or uvloop at import time: ``check``, ``explain`` and ``test``
+stay fast and side-effect free.
 
 Invariants: ``argparse.Namespace`` is read in ``main`` only, each command takes typed arguments;
 ``main`` returns the exit code and never calls ``sys.exit`` (``__main__`` and the console script
@@ -23,20 +24,20 @@ import difflib
 import logging
 import os
 import platform
-import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 
-from fastproxy import __version__, config, log, tls
+from fastproxy import __version__, config, log, policytest, tls
 from fastproxy.config import Address, Config, ListenerConfig
 from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
 from fastproxy.exchange import Admission, Verdict, admit
 from fastproxy.http1 import RequestHead
 from fastproxy.master import BindError, Master, bind_listener
 from fastproxy.policy import Action, Decision, Refusal
+from fastproxy.policytest import parse_request
 from fastproxy.runtime import Snapshot
 from fastproxy.systemd import SystemdError
 
@@ -49,9 +50,6 @@ EXIT_FAILURE = 1
 DEMO_WORKERS = 2
 #: seconds the demo upstream gets to exit after SIGTERM before SIGKILL
 DEMO_STOP_TIMEOUT_S = 5.0
-
-#: RFC 9110 §5.6.2 token, the grammar of a method
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 #: dependencies ``fastproxy version`` reports, by distribution name
 _REPORTED_DISTRIBUTIONS = ("h11", "wsproto", "uvloop", "orjson", "prometheus-client")
@@ -152,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="'METHOD TARGET' such as 'GET /api/1/devices?x=1'; the method defaults to GET",
     )
 
+    test = commands.add_parser(
+        "test", help="run policy cases: what each listener does with each request; exit 0 or 1"
+    )
+    test.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: the one the cases file names, else the built-in "
+        "Cobrowse preset on loopback)",
+    )
+    test.add_argument("-q", "--quiet", action="store_true", help="print failures only")
+    test.add_argument("cases", metavar="CASES.toml", help="the cases file")
+
     dump = commands.add_parser("dump-config", help="print the configuration with presets expanded")
     add_config_option(dump)
 
@@ -179,7 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on a usage error and 0 after --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        return _dispatch(parser, args)
+        code = _dispatch(parser, args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (``fastproxy version | head -1``): stop quietly, as a command
+        # killed by SIGPIPE would; stdout goes to /dev/null so the exit's flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         # Ctrl-C before the master's own handler is in place (start-up): a stop like any other
         # SIGINT, not a traceback; the master's finally has already cleaned up what it started
@@ -194,6 +214,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return cmd_check(args.config, quiet=args.quiet)
     if command == "explain":
         return cmd_explain(args.config, args.listener, args.request)
+    if command == "test":
+        return cmd_test(args.config, args.cases, quiet=args.quiet)
     if command == "dump-config":
         return cmd_dump_config(args.config)
     if command == "demo":
@@ -291,23 +313,6 @@ def _plural(count: int, noun: str) -> str:
 
 
 # -- explain ----------------------------------------------------------------------------------
-
-
-def parse_request(text: str) -> tuple[bytes, bytes]:
-    """Split ``'METHOD TARGET'`` (a bare target is read as GET) into bytes, or raise ValueError."""
-    parts = text.split()
-    if len(parts) == 3 and parts[2].startswith("HTTP/"):
-        parts = parts[:2]
-    if len(parts) == 1:
-        parts = ["GET", parts[0]]
-    if len(parts) != 2:
-        raise ValueError(f"expected 'METHOD TARGET', got {text!r}")
-    method, target = parts
-    if not _TOKEN.fullmatch(method):
-        raise ValueError(f"not an HTTP method: {method!r}")
-    # fsencode: arguments that were not valid UTF-8 get their original bytes back, so a raw
-    # non-ASCII byte reaches the policy as it would arrive on the wire.
-    return method.encode("ascii"), os.fsencode(target)
 
 
 def _show(value: bytes) -> str:
@@ -475,6 +480,42 @@ def _upstream_text(cfg: Config, listener: ListenerConfig, decision: Decision) ->
         return name
     servers = ", ".join(str(server) for server in upstream.servers)
     return f"{name} ({servers})"
+
+
+# -- test -------------------------------------------------------------------------------------
+
+
+def cmd_test(path: str | None, cases_path: str, *, quiet: bool) -> int:
+    """``fastproxy test``: run every case of ``cases_path`` through the worker's exchange.
+
+    0 when every case passes, 1 when one does not (each failure named, expected against got),
+    2 for a cases file or configuration that cannot be used."""
+    try:
+        cases = policytest.load_cases(cases_path)
+        # not _load_checked: a policy gate in CI needs the routes, not the TLS keys
+        cfg = _load(path or cases.config)
+        results = policytest.run_cases(cfg, cases)
+    except ConfigError as err:
+        _error(str(err))
+        return EXIT_USAGE
+    failed = [result for result in results if not result.passed]
+    for result in results:
+        if result.passed:
+            if not quiet:
+                print(f"ok    {result.case.name}")
+            continue
+        case = result.case
+        print(f"FAIL  {case.name}  ({cases.path}: case[{case.index}])")
+        for key, want, got in result.mismatches:
+            print(f"        {key}: expected {want}, got {got}")
+    source = cfg.source
+    total = len(results)
+    if failed:
+        print(f"{len(failed)} of {total} cases failed ({cases.path} against {source})")
+        return EXIT_FAILURE
+    if not quiet:
+        print(f"{_plural(total, 'case')} passed ({cases.path} against {source})")
+    return EXIT_OK
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -305,6 +305,9 @@ class Config:
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
     #: seconds SIGTERM waits for in-flight requests before killing workers
     graceful_timeout_s: float = GRACEFUL_TIMEOUT_S
+    #: the file did not set ``workers``: one per CPU of the machine that loaded it, so
+    #: ``dump_config`` leaves it unset too. Not compared, as ``source``.
+    workers_per_cpu: bool = field(default=False, compare=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,6 +1068,7 @@ def _parse(data: Table, source: str) -> Config:
     return Config(
         source=source,
         workers=workers,
+        workers_per_cpu="workers" not in data,
         listeners=types.MappingProxyType(listeners),
         upstreams=types.MappingProxyType(upstreams),
         admin=admin,
@@ -1493,7 +1497,11 @@ def _dump(config: Config) -> str:
         f"# with all its rules (Cobrowse preset version {preset_version()} and toggles applied).",
         "# Read from " + config.source.replace("\n", " ") + ".",
         "",
-        f"workers = {_toml(config.workers)}",
+        (
+            f"# workers: not set, so one per CPU ({config.workers} on this machine)"
+            if config.workers_per_cpu
+            else f"workers = {_toml(config.workers)}"
+        ),
         f"http_parser = {_toml(config.http_parser.value)}",
         f"heartbeat_timeout_s = {_toml(config.heartbeat_timeout_s)}",
         f"graceful_timeout_s = {_toml(config.graceful_timeout_s)}",

@@ -715,14 +715,27 @@ MAX_RESPONSE_TRAILER_BYTES = MAX_RESPONSE_HEAD_BYTES
 _CHUNK_EXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
 
 
+def quote(data: bytes | bytearray) -> str:
+    """``data`` for a log line or an error message: in double quotes, printable ASCII as it is,
+    every other byte (and ``\\`` and ``"``) as ``\\xNN``; never a Python bytes repr."""
+    return '"' + "".join(_QUOTED[byte] for byte in data) + '"'
+
+
+#: how ``quote`` shows each byte
+_QUOTED = tuple(
+    chr(byte) if 0x20 <= byte < 0x7F and byte not in b'\\"' else f"\\x{byte:02x}"
+    for byte in range(256)
+)
+
+
 def parse_chunk_size(line: bytes | bytearray) -> int:
     """RFC 9112 7.1: ``chunk-size [ chunk-ext ]`` of a line without its CRLF; or ValueError."""
     size, _, ext = line.partition(b";")
     size = size.rstrip(b" \t")  # BWS before a chunk extension
     if not size or size.strip(_HEX) or len(size) > 16:
-        raise ValueError(f"bad chunk size {bytes(line[:40])!r}")
+        raise ValueError(f"bad chunk size {quote(line[:40])}")
     if ext and ext.translate(None, _CHUNK_EXT_BYTES):
-        raise ValueError(f"bad chunk extension {bytes(line[:40])!r}")
+        raise ValueError(f"bad chunk extension {quote(line[:40])}")
     return int(size, 16)
 
 
@@ -736,7 +749,7 @@ def _check_trailer_line(line: bytes | bytearray) -> None:
         or name.translate(None, _TOKEN_BYTES)
         or line.translate(None, _CTL) != line
     ):
-        raise UpstreamBroken(f"bad trailer line {bytes(line[:100])!r}")
+        raise UpstreamBroken(f"bad trailer line {quote(line[:100])}")
 
 
 def _bad_request_chunk(message: str) -> RequestRefused:
@@ -1050,10 +1063,10 @@ class UpstreamLeg:
         version, _, rest = status_line.partition(b" ")
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or code.strip(_DIGITS):
-            raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
+            raise UpstreamBroken(f"bad status line {quote(status_line[:100])}")
         status = int(code)
         if status < 100 or status > 599:  # RFC 9110 15: 100..599
-            raise UpstreamBroken(f"bad status line {status_line[:100]!r}")
+            raise UpstreamBroken(f"bad status line {quote(status_line[:100])}")
         # One pass: check every field line, read the framing fields, and keep the lines that
         # are relayed as they are. Only names as long as a dropped one are lower-cased.
         relayed: list[bytes] = []
@@ -1064,7 +1077,7 @@ class UpstreamLeg:
         for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not name or name.translate(None, _TOKEN_BYTES):
-                raise UpstreamBroken(f"bad header line {line[:100]!r}")
+                raise UpstreamBroken(f"bad header line {quote(line[:100])}")
             if len(name) not in RESPONSE_DROPPED_LENGTHS:
                 relayed.append(line)
                 continue
@@ -1073,14 +1086,14 @@ class UpstreamLeg:
                 lower = lower.replace(b"_", b"-")
                 if lower == b"content-length" or lower == b"transfer-encoding":
                     # a CGI-style reader (HTTP_CONTENT_LENGTH) takes it for the real one
-                    raise UpstreamBroken(f"framing field spelled with '_': {name!r}")
+                    raise UpstreamBroken(f"framing field spelled with '_': {quote(name)}")
             elif lower == b"content-length":
                 # RFC 9110 8.6 allows equal duplicates to be merged; like nginx, refuse them
                 if length is not None:
                     raise UpstreamBroken("more than one Content-Length")
                 value = value.strip(b" \t")
                 if not value or value.strip(_DIGITS) or len(value) > 18:
-                    raise UpstreamBroken(f"bad Content-Length {value[:30]!r}")
+                    raise UpstreamBroken(f"bad Content-Length {quote(value[:30])}")
                 length = value
             elif lower == b"transfer-encoding":
                 if coding is not None:
@@ -1137,7 +1150,7 @@ class UpstreamLeg:
             # RFC 9112 6.1: chunked is the only coding a proxy must understand; nginx answers
             # any other (or a list) with 502, as a reader that skips it frames the body otherwise
             if coding.lower() != b"chunked":
-                raise UpstreamBroken(f"transfer coding other than chunked: {coding[:40]!r}")
+                raise UpstreamBroken(f"transfer coding other than chunked: {quote(coding[:40])}")
             # RFC 9112 6.1: "ought to be handled as an error" (smuggling, response splitting)
             if length is not None:
                 raise UpstreamBroken("Content-Length together with Transfer-Encoding")

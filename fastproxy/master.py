@@ -871,7 +871,13 @@ class Master:
         if not worker.ready and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_WORKER_BOOT:
             raise HaltServer(f"worker {worker.pid} failed to boot", EXIT_WORKER_BOOT)
         if worker.aborted_at is not None:
-            cause += f" after missing its heartbeat for {self._config.heartbeat_timeout_s:.0f} s"
+            missed = f"{self._config.heartbeat_timeout_s:.0f} s"
+            if os.WIFSIGNALED(status):
+                # the master's own SIGABRT or SIGKILL: say so, not describe_exit's guess at OOM
+                sent = _name(os.WTERMSIG(status))
+                cause = f"killed for a missed heartbeat (none for {missed}; {sent} from the master)"
+            else:
+                cause += f" after missing its heartbeat for {missed}"
         now = time.monotonic()
         slot = self._slots[worker.slot]
         if now - worker.started >= RESPAWN_STABLE_S:

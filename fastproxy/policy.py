@@ -430,7 +430,7 @@ class PrefixTable:
             if prefix in seen:
                 raise ValueError(
                     f"rules {seen[prefix].name!r} and {rule.name!r} have the same prefix "
-                    f"{prefix.decode('ascii', 'backslashreplace')!r}"
+                    f"{_text(prefix)!r}"
                 )
             _check_prefix(rule)
             seen[prefix] = rule
@@ -551,13 +551,18 @@ def _check_prefix(rule: Rule) -> None:
         canonical = canonicalize(prefix, rule.allow)
     except PathRefused as refused:
         raise ValueError(
-            f"rule {rule.name!r}: prefix {prefix!r} is not a clean path ({refused.refusal.value})"
+            f"rule {rule.name!r}: prefix {_text(prefix)!r} is not a clean path "
+            f"({refused.refusal.value})"
         ) from None
     if canonical != prefix:
         raise ValueError(
-            f"rule {rule.name!r}: prefix {prefix!r} can never match; its canonical form is "
-            f"{canonical!r}"
+            f"rule {rule.name!r}: prefix {_text(prefix)!r} can never match; its canonical form "
+            f"is {_text(canonical)!r}"
         )
+
+
+def _text(path: bytes) -> str:
+    return path.decode("ascii", "backslashreplace")
 
 
 def _check_rewrite(rule: Rule) -> None:

@@ -266,6 +266,15 @@ def test_master_replaces_a_worker_that_stops_heartbeating(
     master.wait_for("a replacement", lambda: len(master.started_pids()) >= 3)
     assert master.proc.poll() is None
     assert master.started_pids()[-1] != hung
+    # the kill the master sent itself is named as such, not guessed to be out of memory
+    master.wait_for(
+        "the respawn line",
+        lambda: any(
+            m.startswith(f"worker {hung} killed for a missed heartbeat (none for 2 s; SIG")
+            for m in master.messages()
+        ),
+    )
+    assert not any("out of memory" in m for m in master.messages())
 
     master.proc.send_signal(signal.SIGTERM)
     assert master.wait_exit() == 0

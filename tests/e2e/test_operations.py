@@ -161,6 +161,10 @@ def test_report_mode_forwards_would_deny_and_counts_it(
         lambda: '"decision":"would_deny"' in running.stderr_path.read_text(),
         running,
     )
+    # the path as text, never a Python bytes repr
+    assert '"msg":"would deny /admin on listener sdk (report mode)"' in (
+        running.stderr_path.read_text()
+    )
 
 
 # -- upstream keep-alive --------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import orjson
 import pytest
 
 from fastproxy import __version__, log
-from fastproxy.cli import build_parser, demo_config, demo_guide, main, parse_request
+from fastproxy.cli import build_parser, demo_config, demo_guide, main
 from fastproxy.config import Address, load_config
+from fastproxy.policytest import parse_request
 
 GOOD_CONFIG = """\
 workers = 2

@@ -1117,3 +1117,34 @@ def test_config_per_client_cap_defaults_by_policy_and_can_be_set() -> None:
     listeners = parse_config(tomllib.loads(textwrap.dedent(text)), "f.toml").listeners
     caps = {name: lis.limits.max_connections_per_client for name, lis in listeners.items()}
     assert caps == {"public": 256, "office": 0, "office2": 40, "public2": 0}
+
+
+def test_config_dump_writes_every_key_the_loader_reads() -> None:
+    # "every default written out": each key a file may set, at each level, is in the dump (TLS
+    # only where configured, see the TLS round trip above); workers only when the file set it
+    from fastproxy import config as module
+
+    dumped = tomllib.loads(dump_config(load_config(None)))
+    assert set(dumped) == set(module._TOP_KEYS) - {"workers"}
+    upstream = dumped["upstreams"]["cobrowse"]
+    assert set(upstream) == set(module._UPSTREAM_KEYS) - {"tls"}
+    assert set(upstream["health"]) == set(module._HEALTH_KEYS)
+    for listener in dumped["listeners"].values():
+        assert set(listener) == set(module._LISTENER_KEYS) - {"tls"}
+        assert set(listener["limits"]) == set(module._LIMIT_KEYS)
+
+
+def test_config_dump_keeps_workers_as_the_file_says(tmp_path: Path) -> None:
+    # not set: one per CPU wherever the dump is loaded, not the dumping machine's count
+    default = load_config(None)
+    assert default.workers_per_cpu
+    text = dump_config(default)
+    assert "workers" not in tomllib.loads(text)
+    assert f"# workers: not set, so one per CPU ({os.cpu_count()} on this machine)" in text
+    again = roundtrip(default, tmp_path)
+    assert again.workers_per_cpu and again == default
+    # set: written as it was, even when it equals the CPU count
+    three = parse("workers = 3\n" + BASE)
+    assert not three.workers_per_cpu
+    assert tomllib.loads(dump_config(three))["workers"] == 3
+    assert not roundtrip(three, tmp_path).workers_per_cpu

@@ -17,6 +17,7 @@ from fastproxy.http1 import (
     ServerLeg,
     UpstreamBroken,
     UpstreamLeg,
+    quote,
 )
 from fastproxy.http1_httptools import HttptoolsLeg
 
@@ -809,3 +810,27 @@ def test_http1_local_response_is_one_fixed_shape() -> None:
     assert local_response(200, b"ok\n", content_type=b"text/plain", head_only=True).endswith(
         b"Content-Length: 3\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (b"HTTP/1.1 20 OK\r\n\r\n", 'bad status line "HTTP/1.1 20 OK"'),
+        (b"HTTP/1.1 200 OK\r\nX\xff: a\r\n\r\n", 'bad header line "X\\xff: a"'),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n", 'bad Content-Length "1x"'),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nz\xffz\r\n",
+            'bad chunk size "z\\xffz"',
+        ),
+    ],
+)
+def test_upstream_leg_messages_show_bytes_as_text(response: bytes, message: str) -> None:
+    # the message goes into a WARNING log line: quoted text, never a Python bytes repr
+    with pytest.raises(UpstreamBroken) as raised:
+        _upstream_events(response)
+    assert message in str(raised.value)
+    assert "b'" not in str(raised.value)
+
+
+def test_quote_escapes_what_is_not_printable() -> None:
+    assert quote(b'a"\\\r\n\x7f\x80 z') == '"a\\x22\\x5c\\x0d\\x0a\\x7f\\x80 z"'

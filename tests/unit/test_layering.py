@@ -70,9 +70,11 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         set(),
     ),
     "demo": (set(), {"h11", "wsproto", "orjson", "uvloop"}),
+    "policytest": ({"config", "errors", "exchange", "http1", "runtime"}, set()),
     "cli": (
         {
             "errors",
+            "policytest",
             "config",
             "exchange",
             "http1",
