@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support.proxy import REPO_ROOT
 
-from fastproxy import metrics
+from fastproxy import __version__, metrics
 
 
 def test_status_class_is_bounded() -> None:
@@ -39,7 +39,7 @@ def test_close_code_label_is_bounded_to_the_registry() -> None:
 CHILD = """
 import json, os, sys
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
-from fastproxy import metrics
+from fastproxy import __version__, metrics
 m = metrics.WorkerMetrics()
 for duration in (0.0005, 0.001, 0.003, 0.3, 100.0):
     m.request_done("sdk", "api", "forward", 200, duration, "origin", duration / 2)
@@ -92,6 +92,6 @@ def test_published_counts_are_what_the_scrape_shows(tmp_path: Path) -> None:
     expiry = 'fastproxy_tls_certificate_not_after_seconds{cert="a.crt",listener="tls"}'
     assert expiry + " 1.5e+09" in lines
     python = "{}.{}.{}".format(*sys.version_info[:3])
-    version = metrics.__version__
+    version = __version__
     build = f'fastproxy_build_info{{parser="h11",python="{python}",version="{version}"}}'
     assert build + " 1.0" in lines
