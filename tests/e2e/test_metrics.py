@@ -226,3 +226,20 @@ def test_counters_survive_a_killed_worker_and_a_reload(factory: ProxyFactory) ->
     assert total(samples, "fastproxy_worker_restarts_total") == 1
     time.sleep(1.5)
     assert forwarded(parse(scrape_text(running))[0]) == 12
+
+
+def test_a_worker_killed_for_its_heartbeat_counts_as_heartbeat(factory: ProxyFactory) -> None:
+    running = factory(overrides={"heartbeat_timeout_s": 2.0})
+    [victim] = running.worker_pids()
+    os.kill(victim, signal.SIGSTOP)  # no heartbeat: the master's SIGABRT waits, then SIGKILL
+    # a scrape meanwhile would wait for the stopped worker: none until it is replaced
+    deadline = time.monotonic() + 40.0
+    while victim in running.worker_pids() or not running.worker_pids():
+        assert time.monotonic() < deadline, running.output()
+        time.sleep(POLL_S)
+    samples = wait_for(
+        running,
+        "the stopped worker replaced",
+        lambda s: total(s, "fastproxy_worker_restarts_total", reason="heartbeat") == 1,
+    )
+    assert total(samples, "fastproxy_worker_restarts_total", reason="crash") == 0
