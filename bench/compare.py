@@ -1017,9 +1017,10 @@ def write_results(out: Path, r: Results, s: Settings, meta: Meta) -> None:
             lines.append(f"- {r.labels[key]}: {fmt(r.median('http_us', key), '.1f')} µs/request")
     if r.micro:
         lines.append(
-            f"- `python -m bench.micro` (in-process, warm caches): `count_request` "
-            f"{r.micro['metrics_us']:.2f} µs, one access record to a file "
-            f"{r.micro['access_log_us']:.2f} µs"
+            f"- `python -m bench.micro` (in-process, warm caches): the metrics of a request "
+            f"{r.micro['metrics_us']:.2f} µs (written straight to the multiprocess files: "
+            f"{r.micro.get('metrics_direct_us', float('nan')):.2f} µs), one access record to a "
+            f"file {r.micro['access_log_us']:.2f} µs"
         )
 
     lines += ["", "## Machine and versions", ""]

@@ -2,8 +2,14 @@
 
     python -m bench.micro [--count 200000]
 
-Prints JSON: CPU microseconds per ``WorkerMetrics.count_request`` (prometheus-client in
-multiprocess mode, as a worker runs it); per access record written to a file through
+Prints JSON: CPU microseconds of the metrics of one proxied request, as a worker counts them
+(``metrics_us``: ``WorkerMetrics.request_done`` into plain Python numbers, the bytes of one read
+and one write added to the listener's totals, and the share of one ``publish`` per second at
+1000 requests/s, the whole publish timed as ``publish_us``); what the same updates cost written
+straight to prometheus-client's multiprocess files (``metrics_direct_us``: the request counter,
+two histogram observations and the two byte counters, the alternative not chosen); and what one
+counter increment in those files costs (``metrics_counter_us``, the only update before the
+histograms and bytes were added); per access record written to a file through
 ``fastproxy.log.access`` (the buffered writer) with the fields a worker logs, building the
 dict and one flush per 100 records included (``access_log_us``); and per heartbeat flush, the
 one system call a worker makes each second, here with 100 records pending (``access_flush_us``,
@@ -22,6 +28,8 @@ import time
 
 #: records pending at a heartbeat flush in ``access_flush_us``: a worker serving 100 requests/s
 FLUSH_RECORDS = 100
+#: requests per metrics publish in ``metrics_us``: a worker serving 1000 requests/s
+PUBLISH_EVERY = 1000
 
 
 def per_call_us(fn: object, count: int) -> float:
@@ -44,9 +52,40 @@ def main(argv: list[str] | None = None) -> int:
         from fastproxy.metrics import WorkerMetrics
 
         metrics = WorkerMetrics()
-        metrics_us = per_call_us(
-            lambda: metrics.count_request("sdk", "api-devices", "forward", 200), args.count
-        )
+        totals = [0, 0]  # a listener's received and sent bytes, as ``worker.Listener`` keeps them
+        data = b"x" * 300
+
+        def request_done() -> None:
+            totals[0] += len(data)
+            metrics.request_done("sdk", "api-devices", "forward", 200, 0.0042, "origin", 0.0031)
+            totals[1] += len(data)
+
+        def publish() -> None:
+            metrics.publish([("sdk", totals[0], totals[1])])
+            totals[0] = totals[1] = 0
+
+        def request_then_publish() -> None:
+            request_done()
+            publish()
+
+        publish_us = per_call_us(request_then_publish, args.count // 100)
+        publish_us -= per_call_us(request_done, args.count // 100)
+        metrics_us = per_call_us(request_done, args.count) + publish_us / PUBLISH_EVERY
+        requests = metrics.requests.labels("sdk", "api-devices", "forward", "2xx")
+        duration = metrics.request_duration.labels("sdk", "api-devices")
+        upstream = metrics.upstream_response.labels("origin")
+        received = metrics.received_bytes.labels("sdk")
+        sent = metrics.sent_bytes.labels("sdk")
+
+        def direct() -> None:
+            requests.inc()
+            duration.observe(0.0042)
+            upstream.observe(0.0031)
+            received.inc(len(data))
+            sent.inc(len(data))
+
+        direct_us = per_call_us(direct, args.count)
+        counter_us = per_call_us(requests.inc, args.count)
         log.setup("warning", access_log=os.path.join(tmp, "access.log"))
         writer = log.access
         assert writer is not None
@@ -93,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "metrics_us": metrics_us,
+                "publish_us": publish_us,
+                "metrics_direct_us": direct_us,
+                "metrics_counter_us": counter_us,
                 "access_log_us": access_us,
                 "access_flush_us": flush_cpu / rounds * 1e6,
             }

@@ -37,6 +37,18 @@ class WorkerView(Protocol):
         """``(upstream, server, up)`` of the health table this worker holds (the master's)."""
         ...
 
+    def publish_metrics(self) -> None:
+        """Add this worker's per-request counts to the scraped files now."""
+        ...
+
+    def certificate_expiry(self) -> list[tuple[str, str, float]]:
+        """``(listener, cert, not_after)`` of the current listeners' certificates."""
+        ...
+
+    def parser_name(self) -> str:
+        """The HTTP parser of the current configuration (``h11`` or ``httptools``)."""
+        ...
+
 
 class AdminProtocol(asyncio.Protocol):
     """Answer one admin request and close."""
@@ -66,7 +78,13 @@ class AdminProtocol(asyncio.Protocol):
             return
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
-            body = metrics.render(self.worker.upstream_states())
+            worker = self.worker
+            worker.publish_metrics()  # this worker's last second; the others' are at most 1 s late
+            body = metrics.render(
+                worker.upstream_states(),
+                worker.certificate_expiry(),
+                worker.parser_name(),
+            )
             self._reply(200, metrics.CONTENT_TYPE, body, head=parts[0] == b"HEAD")
         elif path == b"/livez":
             self._reply(200, b"text/plain", b"ok\n")

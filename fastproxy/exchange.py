@@ -521,6 +521,8 @@ class Cycle:
         "upstream",
         "upstream_config",
         "upstream_name",
+        "upstream_s",
+        "upstream_sent",
         "verdict",
         "websocket",
     )
@@ -541,6 +543,10 @@ class Cycle:
         #: the spec of the pool the first connection came from (its timeouts)
         self.upstream_config: UpstreamConfig | None = None
         self.upstream_name = ""
+        #: when the request went to the upstream, and the seconds until its response head
+        #: (-1: none was read), for ``fastproxy_upstream_response_seconds``
+        self.upstream_sent = 0.0
+        self.upstream_s = -1.0
         self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self.body_bytes = 0
         self.last_read = 0.0
@@ -931,6 +937,7 @@ class Exchange:
             conn.pause_reading()
         method, target, headers = cycle.sent_head
         conn.write(conn.leg.request(method, target, headers))
+        cycle.upstream_sent = now
         if cycle.request_done:
             # a retry: the body-less request was read completely on the first attempt
             conn.write(conn.leg.end())
@@ -1187,6 +1194,7 @@ class Exchange:
             return b""
         cycle.status = status
         cycle.response_started = True
+        cycle.upstream_s = now - cycle.upstream_sent
         upstream = cycle.upstream
         assert upstream is not None
         cycle.last_read = now

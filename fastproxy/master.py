@@ -124,6 +124,8 @@ class Worker:
     killed: bool = False
     #: sent SIGTERM because ``workers`` shrank on a reload: its exit is not a crash
     retiring: bool = False
+    #: why the master replaces it (``fastproxy_worker_restarts_total``); "" when it is not
+    restart_reason: str = ""
     #: the last health table could not be sent (its channel was full): sent again next pass
     health_behind: bool = False
 
@@ -554,6 +556,7 @@ class Master:
         """Drain ``worker`` away; its slot is refilled at once with the current generation."""
         if not worker.retiring:
             worker.retiring = True
+            worker.restart_reason = "reload_failed"
             self._kill(worker, signal.SIGTERM)
 
     def _reload_applied(self) -> None:
@@ -867,6 +870,8 @@ class Master:
         cause = describe_exit(status)
         if self._stopping or worker.retiring:
             logger.info("worker %d stopped: %s", worker.pid, cause)
+            if worker.restart_reason and not self._stopping:
+                self._count_restart(worker.restart_reason)
             return
         if not worker.ready and os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_WORKER_BOOT:
             raise HaltServer(f"worker {worker.pid} failed to boot", EXIT_WORKER_BOOT)
@@ -878,6 +883,7 @@ class Master:
                 cause = f"killed for a missed heartbeat (none for {missed}; {sent} from the master)"
             else:
                 cause += f" after missing its heartbeat for {missed}"
+        self._count_restart("heartbeat" if worker.aborted_at is not None else "crash")
         now = time.monotonic()
         slot = self._slots[worker.slot]
         if now - worker.started >= RESPAWN_STABLE_S:
@@ -932,6 +938,10 @@ class Master:
         # Exited but not reaped yet: the pid is still ours, so this cannot hit another process.
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
+
+    def _count_restart(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.worker_restarted(reason)
 
     @staticmethod
     def _mark_dead(pid: int) -> None:

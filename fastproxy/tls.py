@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import _ssl
 import datetime
+import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -78,6 +79,8 @@ class ServerTls:
     #: SAN DNS name -> context; wildcard names keyed by what follows ``*.``
     exact: Mapping[str, ssl.SSLContext]
     wildcard: Mapping[str, ssl.SSLContext]
+    #: ``(file name, not after as Unix time)`` of each certificate, the default first (metrics)
+    not_after: tuple[tuple[str, float], ...] = ()
 
     def choose(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a client that sent ``server_name`` (None: no SNI)."""
@@ -136,16 +139,21 @@ def server_tls(tls: TlsConfig, where: str, source: str, *, now: float) -> Server
     exact: dict[str, ssl.SSLContext] = {}
     wildcard: dict[str, ssl.SSLContext] = {}
     contexts = []
+    expiry: list[tuple[str, float]] = []
     for pair, pair_where in pairs:
         context = _server_context(tls.min_version)
         names = _load_pair(context, pair, pair_where, source, now=now)
         contexts.append(context)
+        label = os.path.basename(pair.cert)
+        if any(label == seen for seen, _ in expiry):
+            label = f"{label}#{len(expiry)}"  # two files of one name in different directories
+        expiry.append((label, cert_not_after(pair.cert)))
         for name in names:
             if name.startswith("*."):
                 wildcard.setdefault(name[2:], context)
             else:
                 exact.setdefault(name, context)
-    result = ServerTls(contexts[0], tls.handshake_timeout_s, exact, wildcard)
+    result = ServerTls(contexts[0], tls.handshake_timeout_s, exact, wildcard, tuple(expiry))
     if len(contexts) > 1:
         # every context carries the callback: OpenSSL calls the one the handshake started
         # with. With one certificate there is nothing to choose, and no Python call per
@@ -237,6 +245,11 @@ def _load_pair(
         ) from None
     names = [value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
     return names
+
+
+def cert_not_after(path: str) -> float:
+    """The Unix time after which the first certificate of ``path`` (checked) is invalid."""
+    return float(ssl.cert_time_to_seconds(_decode_cert(path)["notAfter"]))
 
 
 def _decode_cert(path: str) -> dict[str, Any]:

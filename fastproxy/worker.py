@@ -111,7 +111,9 @@ class Listener:
         "name",
         "per_client",
         "plan",
+        "received",
         "retired",
+        "sent",
         "server",
         "tls",
         "ws_gauge",
@@ -129,6 +131,9 @@ class Listener:
         #: TLS connections whose handshake is under way (counted in ``per_client`` too)
         self.handshakes: set[TlsHandshake] = set()
         self.per_client: dict[bytes, int] = {}
+        #: bytes from and to clients since the metrics were last published
+        self.received = 0
+        self.sent = 0
         self.conn_gauge = metrics.connection_gauge(plan.name)
         self.ws_gauge = metrics.websocket_gauge(plan.name)
         metrics.prepare_listener(plan.name)
@@ -266,6 +271,27 @@ class WorkerState:
         """Admin ``/routes``: this worker's current generation, compiled."""
         return orjson.dumps(self.snapshot.routes(), option=orjson.OPT_INDENT_2)
 
+    def publish_metrics(self) -> None:
+        """Add the per-request counts since the last call to the scraped files (every
+        heartbeat, before a scrape, at the end of the drain)."""
+        traffic = []
+        for listener in self.every_listener():
+            traffic.append((listener.name, listener.received, listener.sent))
+            listener.received = listener.sent = 0
+        self.metrics.publish(traffic)
+
+    def parser_name(self) -> str:
+        return self.snapshot.http_parser.value
+
+    def certificate_expiry(self) -> list[tuple[str, str, float]]:
+        """``(listener, cert, not_after)`` of every certificate of the current listeners."""
+        return [
+            (name, cert, not_after)
+            for name, listener in self.listeners.items()
+            if listener.tls is not None
+            for cert, not_after in listener.tls.not_after
+        ]
+
     def every_listener(self) -> list[Listener]:
         """Current listeners and those a reload removed that still have connections."""
         self.retired_listeners = [lis for lis in self.retired_listeners if lis.connections]
@@ -315,6 +341,7 @@ class ClientProtocol(asyncio.Protocol):
         "worker",
         "ws_active",
         "ws_closing",
+        "ws_start",
         "ws_timer",
     )
 
@@ -350,6 +377,8 @@ class ClientProtocol(asyncio.Protocol):
         self.relay: WebSocketRelay | None = None
         self.tunnel_upstream: UpstreamConn | None = None
         self.ws_closing = False
+        #: when the tunnel opened (``fastproxy_websocket_duration_seconds``)
+        self.ws_start = 0.0
 
     @property
     def client_ip(self) -> str:
@@ -389,6 +418,7 @@ class ClientProtocol(asyncio.Protocol):
         self.exchange.open(self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self.listener.received += len(data)
         exchange = self.exchange
         if exchange.state is not State.TUNNEL:
             exchange.client_data(data, time.monotonic())
@@ -478,11 +508,13 @@ class ClientProtocol(asyncio.Protocol):
     def write_client(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None:
+            self.listener.sent += len(data)
             transport.write(data)
 
     def writelines_client(self, data: list[bytes]) -> None:
         transport = self.transport
         if transport is not None:
+            self.listener.sent += sum(map(len, data))
             transport.writelines(data)
 
     def close_client(self, abort: bool) -> None:
@@ -527,12 +559,20 @@ class ClientProtocol(asyncio.Protocol):
     def finished(self, cycle: Cycle | None, status: int, code: str) -> None:
         listener = self.listener
         if cycle is None:
-            self.worker.metrics.count_request(listener.name, "-", "reject", status)
+            self.worker.metrics.request_done(listener.name, "-", "reject", status, 0.0, "", -1.0)
             return
         decision = cycle.decision
         verdict = cycle.verdict
         rule = decision.rule.name if decision is not None else "-"
-        self.worker.metrics.count_request(listener.name, rule, verdict.value, status)
+        self.worker.metrics.request_done(
+            listener.name,
+            rule,
+            verdict.value,
+            status,
+            time.monotonic() - cycle.start,
+            cycle.upstream_name,
+            cycle.upstream_s,
+        )
         access = log.access
         if access is not None:
             self._access_log(access, cycle, status, code)
@@ -557,6 +597,7 @@ class ClientProtocol(asyncio.Protocol):
     ) -> None:
         self.tunnel_upstream = conn
         self.listener.ws_gauge.inc()
+        self.ws_start = time.monotonic()
         plan = cycle.plan
         limits = plan.limits
         self.tunnel_limits = limits
@@ -757,10 +798,12 @@ class ClientProtocol(asyncio.Protocol):
             if self.tunnel_trackers is not None:
                 self.tunnel_trackers[0].feed(data)
             if self.transport is not None:
+                self.listener.sent += len(data)
                 self.transport.write(data)
             return
         if relay.upstream_passes(data):
             if self.transport is not None:
+                self.listener.sent += len(data)
                 self.transport.write(data)
             return
         self._apply(relay.from_upstream(data))
@@ -775,14 +818,13 @@ class ClientProtocol(asyncio.Protocol):
                 conn.writelines(to_upstream)
         to_client = out.to_client
         if to_client and self.transport is not None:
+            self.listener.sent += sum(map(len, to_client))
             if len(to_client) == 1:
                 self.transport.write(to_client[0])
             else:
                 self.transport.writelines(to_client)
         if out.client_close_code is not None:
-            self.worker.metrics.websocket_closes.labels(
-                self.listener.name, str(out.client_close_code)
-            ).inc()
+            self.worker.metrics.websocket_close(self.listener.name, out.client_close_code).inc()
         if out.done:
             self._end_tunnel()
             self._close()
@@ -823,6 +865,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.tunnel_upstream = None
         self.listener.ws_gauge.dec()
+        self.worker.metrics.websocket_ended(self.listener.name, time.monotonic() - self.ws_start)
         conn.discard()
 
     def go_idle_away(self, *, quiet_s: float = 0.0) -> None:
@@ -870,7 +913,7 @@ class ClientProtocol(asyncio.Protocol):
         conn = self.tunnel_upstream
         if conn is not None and to_upstream is not None and not to_upstream.mid_frame:
             conn.write(close_frame(CLOSE_GOING_AWAY, masked=True))
-        self.worker.metrics.websocket_closes.labels(self.listener.name, "1001").inc()
+        self.worker.metrics.websocket_close(self.listener.name, CLOSE_GOING_AWAY).inc()
         self._end_tunnel()
         self._close()
 
@@ -1143,6 +1186,7 @@ async def _serve(
         with contextlib.suppress(BlockingIOError):  # the master is behind; it sees the next byte
             os.write(heartbeat_fd, b".")
         _flush_access_log()  # nginx's flush=1s: a record is at most about a second late
+        worker.publish_metrics()  # likewise a counter
         now = time.monotonic()
         for pool in worker.pools.values():
             pool.expire_idle(now)
@@ -1220,6 +1264,7 @@ async def _drain(worker: WorkerState, heartbeat_fd: int) -> None:
             # still flushing to a client that does not read: reset
             if transport is not None and transport.get_write_buffer_size():
                 conn._close(abort=True)
+    worker.publish_metrics()
 
 
 def _close_all(sockets: dict[str, socket.socket]) -> None:
