@@ -504,6 +504,7 @@ class Cycle:
         "body_bytes",
         "decision",
         "head",
+        "head_at",
         "info",
         "last_body",
         "last_read",
@@ -515,6 +516,7 @@ class Cycle:
         "response_started",
         "retried",
         "sent_head",
+        "served_by",
         "start",
         "status",
         "tries",
@@ -541,6 +543,10 @@ class Cycle:
         #: the spec of the pool the first connection came from (its timeouts)
         self.upstream_config: UpstreamConfig | None = None
         self.upstream_name = ""
+        #: the last upstream connection the request went to (the access log's server)
+        self.served_by: UpstreamConn | None = None
+        #: when the upstream's final response head came (0.0: none)
+        self.head_at = 0.0
         self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self.body_bytes = 0
         self.last_read = 0.0
@@ -923,7 +929,7 @@ class Exchange:
             # the client went away while we were connecting
             conn.release()
             return
-        cycle.upstream = conn
+        cycle.upstream = cycle.served_by = conn
         if cycle.upstream_config is None:
             cycle.upstream_config = conn.config
         self.state = State.FORWARD
@@ -1189,7 +1195,7 @@ class Exchange:
         cycle.response_started = True
         upstream = cycle.upstream
         assert upstream is not None
-        cycle.last_read = now
+        cycle.last_read = cycle.head_at = now
         # the first-byte timer is done; the read timer is armed only if the body goes on
         # after this read (_pump_response), so a small response costs no timer at all
         # (_cancel_timer, inline: once per request)
