@@ -25,13 +25,21 @@ FIELDS: dict[str, object] = {
     "method": "GET",
     "host": "sdk.example.com",
     "path": "/api/1/devices/x",
+    "query": "session=REDACTED",
     "listener": "sdk",
+    "tls": True,
     "rule": "api-devices",
     "decision": "forward",
     "status": 200,
+    "reason": None,
     "duration_s": 0.012345,
     "upstream": "origin",
-    "reason": None,
+    "server": "10.0.0.5:8080",
+    "upstream_response_s": 0.011,
+    "bytes_in": 412,
+    "bytes_out": 1187,
+    "user_agent": "Mozilla/5.0",
+    "generation": 3,
 }
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
