@@ -26,6 +26,11 @@ import os
 import tempfile
 import time
 
+#: a browser's User-Agent, as the record truncates and decodes it
+AGENT = (
+    b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    b"Chrome/131.0.0.0 Safari/537.36"
+)
 #: records pending at a heartbeat flush in ``access_flush_us``: a worker serving 100 requests/s
 FLUSH_RECORDS = 100
 #: requests per metrics publish in ``metrics_us``: a worker serving 1000 requests/s
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
 
         def record() -> None:
-            # the fields and the order ClientProtocol._access_log writes
+            # the fields and the order ClientProtocol._access_log writes (a request with a
+            # query string, redacted as by default)
             writer.write(
                 {
                     "request_id": "5f2b9c0d1e3a4b5c6d7e",
@@ -100,13 +106,21 @@ def main(argv: list[str] | None = None) -> int:
                     "method": "GET",
                     "host": "sdk.example.com",
                     "path": "/api/1/devices/x",
+                    "query": log.redact_query(b"session=abc&page=2").decode("ascii"),
                     "listener": "sdk",
+                    "tls": True,
                     "rule": "api-devices",
                     "decision": "forward",
                     "status": 200,
+                    "reason": None,
                     "duration_s": round(time.monotonic() - start, 6),
                     "upstream": "origin",
-                    "reason": None,
+                    "server": "10.0.0.5:8080",
+                    "upstream_response_s": round(time.monotonic() - start, 6),
+                    "bytes_in": 412,
+                    "bytes_out": 1187,
+                    "user_agent": AGENT[:200].decode("ascii", "backslashreplace"),
+                    "generation": 3,
                 }
             )
 

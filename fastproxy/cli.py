@@ -256,7 +256,13 @@ def cmd_run(
         return EXIT_CONFIG
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
-    log.setup(log_level, access_log)
+    log.setup(log_level, access_log)  # --access-log wins over the file's [access_log] path
+    settings = cfg.access_log
+    try:
+        log.configure_access(settings.path, sample=settings.sample, query=settings.query.value)
+    except OSError as err:
+        _error(f"{cfg.source}: access_log.path: cannot open {settings.path!r}: {err.strerror}")
+        return EXIT_CONFIG
 
     def reload() -> Config:
         """SIGHUP: the same file, read again; ``--workers`` still wins over it."""

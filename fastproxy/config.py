@@ -48,6 +48,10 @@ Top level: ``workers`` (int >= 1, default: CPU count), ``http_parser`` (``"h11"`
   the preset's, which is how a vendor's new route is added without renaming the policy.
 - ``[admin]``: ``bind``. Absent: 127.0.0.1:9901. ``admin = false`` turns the admin listener off.
 - ``[presets.cobrowse]``: the toggles ``pin_sdk``, ``universal``, ``ai``, ``acme`` (booleans).
+- ``[access_log]``: ``enabled`` (default true when the table is there), ``path`` (a file to
+  append to, or ``"-"`` for stdout; required when enabled), ``sample`` (0 to 1, default 1;
+  errors are always logged) and ``query`` (``"redact"`` | ``"keep"`` | ``"drop"``, default
+  ``"redact"``), ``AccessLogConfig``. No table: no access log (``run --access-log`` wins).
 
 Names of listeners, upstreams, policies and rules are TOML bare keys (letters, digits, ``-``,
 ``_``; at most 64) because they become metric labels; ``fallback`` is reserved for rules.
@@ -289,6 +293,28 @@ class PresetToggles:
     acme: bool = False
 
 
+class QueryMode(enum.Enum):
+    """What the access log keeps of a request's query string."""
+
+    #: the keys, each value replaced by ``REDACTED``
+    REDACT = "redact"
+    #: the query as the client sent it
+    KEEP = "keep"
+    #: nothing: the path only
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """``[access_log]``: one JSON line per request; ``path`` None means off."""
+
+    #: a file to append to, ``"-"`` for stdout, None: off
+    path: str | None = None
+    #: the share of requests logged, 0 to 1; errors (4xx, 5xx, refusals) are always logged
+    sample: float = 1.0
+    query: QueryMode = QueryMode.REDACT
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     #: file name used in error messages; ``"<built-in>"`` for the preset default. Not compared:
@@ -305,6 +331,7 @@ class Config:
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
     #: seconds SIGTERM waits for in-flight requests before killing workers
     graceful_timeout_s: float = GRACEFUL_TIMEOUT_S
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     #: the file did not set ``workers``: one per CPU of the machine that loaded it, so
     #: ``dump_config`` leaves it unset too. Not compared, as ``source``.
     workers_per_cpu: bool = field(default=False, compare=False)
@@ -972,7 +999,10 @@ _TOP_KEYS = (
     "policies",
     "admin",
     "presets",
+    "access_log",
 )
+_ACCESS_LOG_KEYS = ("enabled", "path", "sample", "query")
+_QUERY_MODES = {mode.value: mode for mode in QueryMode}
 _UPSTREAM_KEYS = (
     "servers",
     "balance",
@@ -1076,7 +1106,32 @@ def _parse(data: Table, source: str) -> Config:
         http_parser=http_parser,
         heartbeat_timeout_s=_get_seconds(data, "heartbeat_timeout_s", "", HEARTBEAT_TIMEOUT_S),
         graceful_timeout_s=_get_seconds(data, "graceful_timeout_s", "", GRACEFUL_TIMEOUT_S),
+        access_log=_access_log(data.get("access_log", {"enabled": False})),
     )
+
+
+def _access_log(value: object) -> AccessLogConfig:
+    where = "access_log"
+    table = _table(value, where)
+    _keys(table, where, _ACCESS_LOG_KEYS)
+    enabled = _get_bool(table, "enabled", where, True)
+    path = None
+    if "path" in table:
+        path = _str(table["path"], "access_log.path")
+        if not path or "\0" in path:
+            raise _bad("access_log.path", 'expected a file name or "-" for stdout', path)
+    elif enabled:
+        raise _missing(where, "path", hint='a file to append to, or "-" for stdout')
+    sample = 1.0
+    if "sample" in table:
+        raw = table["sample"]
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 1:
+            raise _bad("access_log.sample", "expected a number from 0 to 1", raw)
+        sample = float(raw)
+    query = QueryMode.REDACT
+    if "query" in table:
+        query = _choice(table["query"], "access_log.query", "query mode", _QUERY_MODES)
+    return AccessLogConfig(path=path if enabled else None, sample=sample, query=query)
 
 
 def _preset_toggles(value: object) -> PresetToggles:
@@ -1515,6 +1570,15 @@ def _dump(config: Config) -> str:
 
     toggles = config.presets
     section("presets.cobrowse", list(_toggle_values(toggles).items()))
+    access = config.access_log
+    section(
+        "access_log",
+        [
+            *([("enabled", False)] if access.path is None else [("path", access.path)]),
+            ("sample", access.sample),
+            ("query", access.query.value),
+        ],
+    )
     if config.admin is not None:
         section("admin", [("bind", str(config.admin.bind))])
     for name, up in config.upstreams.items():

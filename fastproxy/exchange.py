@@ -515,6 +515,7 @@ class Cycle:
         "response_started",
         "retried",
         "sent_head",
+        "served_by",
         "start",
         "status",
         "tries",
@@ -547,6 +548,8 @@ class Cycle:
         #: (-1: none was read), for ``fastproxy_upstream_response_seconds``
         self.upstream_sent = 0.0
         self.upstream_s = -1.0
+        #: the last upstream connection the request went to (the access log's server)
+        self.served_by: UpstreamConn | None = None
         self.sent_head: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self.body_bytes = 0
         self.last_read = 0.0
@@ -929,7 +932,7 @@ class Exchange:
             # the client went away while we were connecting
             conn.release()
             return
-        cycle.upstream = conn
+        cycle.upstream = cycle.served_by = conn
         if cycle.upstream_config is None:
             cycle.upstream_config = conn.config
         self.state = State.FORWARD

@@ -10,7 +10,11 @@ Invariants:
   ``ts`` (RFC 3339, UTC, milliseconds), ``level``, ``pid``, ``logger``, ``msg``, then any of
   ``listener``, ``conn_id``, ``decision``, ``status``, ``upstream``, ``dur_ms`` passed through
   ``extra=``, then ``exc`` when there is a traceback. Plain lines on stderr are what journald
-  and container runtimes collect, so there is no syslog or file handler for this log.
+  and container runtimes collect, so there is no syslog or file handler for this log. When
+  stderr is the journal (``JOURNAL_STREAM`` names stderr's device and inode, systemd's
+  documented check), each line starts with the record's syslog priority, ``<3>`` to ``<7>``
+  (sd-daemon(3)): journald strips it and sets ``PRIORITY``, so ``journalctl -p warning`` works
+  and the message stays the JSON object.
 - The access log is not a ``logging`` handler: ``setup`` creates one ``AccessLog`` writer,
   ``access`` (None when off), and a worker calls ``access.write(fields)`` once per request. A
   record is one line: ``{"ts": ..., <fields in the given order>}`` encoded by orjson straight to
@@ -28,6 +32,11 @@ Invariants:
 - Workers inherit the writer across ``fork``. The master never writes access records, so its
   buffer is empty when it forks; in any case a forked child starts with an empty buffer
   (``os.register_at_fork``), so no line buffered before a fork is ever written twice.
+- ``configure_access`` applies the file's ``[access_log]`` (path, ``sample``, ``query``) at
+  start and at each reload; a path given to ``setup`` (``run --access-log``) wins over the
+  file's. The writer carries the settings (``sample``, ``query``) the worker's record reads;
+  ``sampled()`` keeps ``sample`` of the calls with no random number: a running credit, so a
+  sample of 1 costs nothing and 0.25 logs exactly every fourth call.
 - ``Throttle`` rate-limits a repeated WARNING (an upstream failing, connections shed): one
   line per key per interval, the next one carrying the count of those left out.
 - ``reopen`` (SIGUSR1, after logrotate moved the file) flushes what is pending to the old file,
@@ -79,6 +88,18 @@ _TS_SECONDS = "%Y-%m-%dT%H:%M:%S"
 _MILLIS: tuple[bytes, ...] = tuple(b'.%03dZ",' % n for n in range(1000))
 
 
+#: syslog priorities of the levels (sd-daemon(3) prefixes when stderr is the journal)
+SYSLOG_PRIORITIES: Mapping[int, int] = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+#: what a redacted query value becomes in the access log
+REDACTED = b"REDACTED"
+
+
 def format_ts(created: float) -> str:
     """Return ``created`` (seconds since the epoch) as RFC 3339 UTC with milliseconds."""
     seconds = int(created)
@@ -117,6 +138,42 @@ class JsonFormatter(logging.Formatter):
         return _dump(doc)
 
 
+class JournalFormatter(JsonFormatter):
+    """The JSON line with its syslog priority first, ``<6>{...}``: what journald reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITIES.get(record.levelno)
+        if priority is None:  # a custom level: the nearest standard one below it
+            priority = 7 if record.levelno < logging.INFO else 6
+            for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):
+                if record.levelno >= level:
+                    priority = SYSLOG_PRIORITIES[level]
+        return f"<{priority}>" + super().format(record)
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``JOURNAL_STREAM`` (``"DEVICE:INODE"``) names the file stderr is: systemd's
+    documented check that stderr goes to the journal, not to a pipe or file a child got."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (int(device), int(inode)) == (stat.st_dev, stat.st_ino)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def redact_query(query: bytes) -> bytes:
+    """``query`` (after the ``?``) with each value replaced by ``REDACTED``: ``a=1&b`` ->
+    ``a=REDACTED&b``. The keys stay, so the record still says which parameters were sent."""
+    parts = query.split(b"&")
+    for index, part in enumerate(parts):
+        key, equals, _ = part.partition(b"=")
+        if equals:
+            parts[index] = key + b"=" + REDACTED
+    return b"&".join(parts)
+
+
 def _open(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
@@ -132,6 +189,7 @@ class AccessLog:
     __slots__ = (
         "__weakref__",
         "_buf",
+        "_credit",
         "_dropped",
         "_failing",
         "_fd",
@@ -140,6 +198,8 @@ class AccessLog:
         "_second",
         "_stamp",
         "path",
+        "query",
+        "sample",
     )
 
     def __init__(self, path: str, *, buffer_bytes: int = ACCESS_BUFFER_BYTES) -> None:
@@ -160,7 +220,22 @@ class AccessLog:
         # a run of failed writes: reported once, and the records it lost
         self._failing = False
         self._dropped = 0
+        #: the share of requests logged (``[access_log] sample``); errors are always logged
+        self.sample = 1.0
+        #: ``"redact"``, ``"keep"`` or ``"drop"`` (``[access_log] query``)
+        self.query = "redact"
+        self._credit = 0.0
         _writers.add(self)
+
+    def sampled(self) -> bool:
+        """True for ``sample`` of the calls, evenly spread: a credit of ``sample`` per call, a
+        record each time it reaches 1. No random number; callers skip it when sample is 1."""
+        credit = self._credit + self.sample
+        if credit >= 1.0:
+            self._credit = credit - 1.0
+            return True
+        self._credit = credit
+        return False
 
     def write(self, fields: dict[str, object]) -> None:
         """Buffer one record: ``ts`` (now), then ``fields`` in their order; one JSON line.
@@ -281,6 +356,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: the access-log writer ``setup`` created, or None when the access log is off
 access: AccessLog | None = None
+#: the path ``setup`` was given (``run --access-log``): it wins over the file's ``[access_log]``
+_forced_path: str | None = None
 
 # Handlers this module installed, so a second ``setup`` replaces them instead of doubling lines.
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
@@ -293,7 +370,7 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     it sets ``access``, closing the writer a previous call created. Raises ``ValueError`` for
     an unknown level and ``OSError`` when the file cannot be opened.
     """
-    global access
+    global access, _forced_path
     try:
         numeric = LEVELS[level.lower()]
     except KeyError:
@@ -309,11 +386,12 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     if access is not None:
         access.close()
     access = writer
+    _forced_path = access_log
 
     app = logging.getLogger(APP_LOGGER)
     app.setLevel(numeric)
     app_handler = logging.StreamHandler(sys.stderr)
-    app_handler.setFormatter(JsonFormatter())
+    app_handler.setFormatter(JournalFormatter() if stderr_is_journal() else JsonFormatter())
     app.addHandler(app_handler)
     _installed.append((app, app_handler))
     # asyncio (and uvloop through it) reports on its own logger: the same JSON lines, never the
@@ -322,6 +400,30 @@ def setup(level: str = "info", access_log: str | None = None) -> None:
     aio.setLevel(max(numeric, logging.WARNING))
     aio.addHandler(app_handler)
     _installed.append((aio, app_handler))
+
+
+def configure_access(path: str | None, *, sample: float = 1.0, query: str = "redact") -> None:
+    """Apply ``[access_log]``: write to ``path`` (``"-"``: stdout; None: off) with ``sample``
+    and ``query``. The path given to ``setup`` (``run --access-log``), if any, wins over
+    ``path``; the settings apply to it too. A writer already on the path is kept (its buffer,
+    its descriptor); another path is opened first, then the old writer flushed and closed.
+    Raises ``OSError`` when the new file cannot be opened, and then changes nothing.
+    """
+    global access
+    wanted = _forced_path if _forced_path is not None else path
+    current = access
+    if wanted is None:
+        access = None
+        if current is not None:
+            current.close()
+        return
+    if current is None or current.path != wanted:
+        writer = AccessLog(wanted)
+        if current is not None:
+            current.close()
+        access = current = writer
+    current.sample = sample
+    current.query = query
 
 
 class Throttle:

@@ -325,6 +325,8 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = (
         "arm",
+        "bytes_in",
+        "bytes_out",
         "cancel_timer",
         "deadline_tick",
         "drain_idle",
@@ -352,6 +354,9 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         #: the client's address, as bytes (its str is ``client_ip``)
         self.peer = b""
+        #: bytes read from and written to the client since the last access record
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.deadline_tick = 0  # owned by ``worker.deadlines``
         # ExchangeIO.arm and .cancel_timer: the worker's Deadlines with this connection as the
         # owner, bound once; a partial adds no Python frame to the twice-per-request calls
@@ -418,7 +423,9 @@ class ClientProtocol(asyncio.Protocol):
         self.exchange.open(self.peer)
 
     def data_received(self, data: bytes) -> None:
-        self.listener.received += len(data)
+        n = len(data)
+        self.bytes_in += n
+        self.listener.received += n
         exchange = self.exchange
         if exchange.state is not State.TUNNEL:
             exchange.client_data(data, time.monotonic())
@@ -508,13 +515,17 @@ class ClientProtocol(asyncio.Protocol):
     def write_client(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None:
-            self.listener.sent += len(data)
+            n = len(data)
+            self.bytes_out += n
+            self.listener.sent += n
             transport.write(data)
 
     def writelines_client(self, data: list[bytes]) -> None:
         transport = self.transport
         if transport is not None:
-            self.listener.sent += sum(map(len, data))
+            n = sum(map(len, data))
+            self.bytes_out += n
+            self.listener.sent += n
             transport.writelines(data)
 
     def close_client(self, abort: bool) -> None:
@@ -560,6 +571,8 @@ class ClientProtocol(asyncio.Protocol):
         listener = self.listener
         if cycle is None:
             self.worker.metrics.request_done(listener.name, "-", "reject", status, 0.0, "", -1.0)
+            if log.access is not None:
+                self._access_log(log.access, None, status, code)
             return
         decision = cycle.decision
         verdict = cycle.verdict
@@ -638,29 +651,99 @@ class ClientProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- records
 
-    def _access_log(self, access: log.AccessLog, cycle: Cycle, status: int, code: str) -> None:
-        """One record per request; the query string, cookies and credentials are never logged.
+    def _access_log(
+        self, access: log.AccessLog, cycle: Cycle | None, status: int, code: str
+    ) -> None:
+        """One record per request; cookies and credentials are never logged, the query only
+        as ``[access_log] query`` says (values redacted by default).
 
         ``reason`` is the error code of a local answer or a failed exchange (``code``), else
-        the policy's refusal, else null.
+        the policy's refusal, else ``client_closed`` for a 499, else null. ``cycle`` is None
+        for a request refused before it parsed (no request line to show). Errors (status 400
+        and up, a reason, a would-deny) are always logged; the rest as ``sample`` says.
         """
-        decision = cycle.decision
+        decision = cycle.decision if cycle is not None else None
+        reason = code or (decision.refusal.value if decision and decision.refusal else None)
+        if (
+            access.sample < 1.0
+            and status < 400
+            and reason is None
+            and (cycle is None or cycle.verdict is not Verdict.WOULD_DENY)
+            and not access.sampled()
+        ):
+            self.bytes_in = self.bytes_out = 0
+            return
+        if status == 499 and reason is None:
+            reason = "client_closed"
+        listener = self.listener
+        bytes_in, bytes_out = self.bytes_in, self.bytes_out
+        self.bytes_in = self.bytes_out = 0
+        if cycle is None:
+            access.write(
+                {
+                    "request_id": None,
+                    "client_ip": self.client_ip,
+                    "method": None,
+                    "host": "",
+                    "path": "",
+                    "query": None,
+                    "listener": listener.name,
+                    "tls": listener.plan.config.tls is not None,
+                    "rule": "-",
+                    "decision": Verdict.REJECT.value,
+                    "status": status,
+                    "reason": reason,
+                    "duration_s": None,
+                    "upstream": "",
+                    "server": None,
+                    "upstream_response_s": None,
+                    "bytes_in": bytes_in,
+                    "bytes_out": bytes_out,
+                    "user_agent": None,
+                    "generation": self.worker.snapshot.generation,
+                }
+            )
+            return
         info = cycle.info
+        head = cycle.head
+        target = head.target
+        query = None
+        mark = target.find(b"?")
+        if mark >= 0 and access.query != "drop":
+            raw = target[mark + 1 :]
+            if access.query == "redact":
+                raw = log.redact_query(raw)
+            query = raw.decode("ascii", "backslashreplace")[:2048]
+        served_by = cast("UpstreamProtocol | None", cycle.served_by)
+        agent = None
+        for name, value in head.headers:
+            if len(name) == 10 and name.lower() == b"user-agent":
+                agent = value[:200].decode("ascii", "backslashreplace")
+                break
         access.write(
             {
                 "request_id": cycle.request_id.decode("ascii", "replace"),
                 "client_ip": self.client_ip,
-                "method": cycle.head.method.decode("ascii", "replace"),
+                "method": head.method.decode("ascii", "replace"),
                 "host": (info.host or b"").decode("ascii", "replace")[:200] if info else "",
                 "path": (decision.path if decision else b"").decode("ascii", "replace")[:2048],
-                "listener": self.listener.name,
+                "query": query,
+                "listener": listener.name,
+                "tls": cycle.plan.config.tls is not None,
                 "rule": decision.rule.name if decision else "-",
                 "decision": cycle.verdict.value,
                 "status": status,
+                "reason": reason,
                 "duration_s": round(time.monotonic() - cycle.start, 6),
                 "upstream": cycle.upstream_name,
-                "reason": code
-                or (decision.refusal.value if decision and decision.refusal else None),
+                "server": served_by.server.label if served_by is not None else None,
+                "upstream_response_s": (
+                    round(cycle.upstream_s, 6) if cycle.upstream_s >= 0.0 else None
+                ),
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                "user_agent": agent,
+                "generation": self.worker.snapshot.generation,
             }
         )
 
@@ -1109,11 +1192,28 @@ def run(
     asyncio.set_event_loop(loop)
     snapshot = Snapshot.build(config, generation)
     contexts = tls.build(config)  # the files as they are now; the master checked them
+    _configure_access_log(config)
     try:
         loop.run_until_complete(_serve(snapshot, sockets, admin_socket, channel_fd, loop, contexts))
     finally:
         _flush_access_log()  # a clean stop (or a failure) loses no access record
         loop.close()
+
+
+def _configure_access_log(config: Config) -> None:
+    """Follow ``config``'s ``[access_log]`` (``run --access-log`` wins over its path). A file
+    that cannot be opened is an ERROR, and the records go on as before: a log file never stops
+    a worker or a reload."""
+    settings = config.access_log
+    try:
+        log.configure_access(settings.path, sample=settings.sample, query=settings.query.value)
+    except OSError as err:
+        logger.error(
+            "%s: access_log.path: cannot open %r, the access log stays as it was: %s",
+            config.source,
+            settings.path,
+            err,
+        )
 
 
 def _flush_access_log() -> None:
@@ -1373,3 +1473,4 @@ async def apply_reload(worker: WorkerState, message: control.Reload) -> None:
     worker.default_hosts = snapshot.default_hosts
     worker.client_capacity = snapshot.client_capacity(worker.nofile)
     worker.snapshot = snapshot
+    _configure_access_log(config)

@@ -15,6 +15,7 @@ from support.spec import SPEC_EXAMPLE
 
 from fastproxy.config import (
     BUILT_IN_SOURCE,
+    AccessLogConfig,
     Address,
     Balance,
     CertKey,
@@ -25,6 +26,7 @@ from fastproxy.config import (
     ListenerConfig,
     Mode,
     PresetToggles,
+    QueryMode,
     TlsConfig,
     UpstreamTls,
     WebSocketMode,
@@ -435,9 +437,9 @@ def test_config_is_frozen() -> None:
 ERRORS = [
     pytest.param(
         "wrokers = 2\n" + BASE,
-        'fastproxy.toml: unknown key, got "wrokers" (did you mean "workers"? known: admin, '
-        "graceful_timeout_s, heartbeat_timeout_s, http_parser, listeners, policies, presets, "
-        "upstreams, workers)",
+        'fastproxy.toml: unknown key, got "wrokers" (did you mean "workers"? known: access_log, '
+        "admin, graceful_timeout_s, heartbeat_timeout_s, http_parser, listeners, policies, "
+        "presets, upstreams, workers)",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -882,6 +884,43 @@ ERRORS = [
         '(at most 64), got "sdk public"',
         id="bad-name",
     ),
+    pytest.param(
+        BASE + '[access_log]\nsample = 1.5\npath = "a.log"\n',
+        "fastproxy.toml: access_log.sample: expected a number from 0 to 1, got 1.5",
+        id="access-log-sample-over-1",
+    ),
+    pytest.param(
+        BASE + '[access_log]\nsample = true\npath = "a.log"\n',
+        "fastproxy.toml: access_log.sample: expected a number from 0 to 1, got true",
+        id="access-log-sample-bool",
+    ),
+    pytest.param(
+        BASE + '[access_log]\nquery = "hide"\npath = "a.log"\n',
+        'fastproxy.toml: access_log.query: unknown query mode, got "hide" '
+        "(known: redact, keep, drop)",
+        id="access-log-query",
+    ),
+    pytest.param(
+        BASE + "[access_log]\nsample = 0.5\n",
+        'fastproxy.toml: access_log: missing key "path" (a file to append to, or "-" for stdout)',
+        id="access-log-no-path",
+    ),
+    pytest.param(
+        BASE + '[access_log]\npath = ""\n',
+        'fastproxy.toml: access_log.path: expected a file name or "-" for stdout, got ""',
+        id="access-log-empty-path",
+    ),
+    pytest.param(
+        BASE + '[access_log]\npaht = "a.log"\n',
+        'fastproxy.toml: access_log: unknown key, got "paht" (did you mean "path"? known: '
+        "enabled, path, query, sample)",
+        id="access-log-unknown-key",
+    ),
+    pytest.param(
+        BASE + '[access_log]\nenabled = "no"\npath = "a.log"\n',
+        'fastproxy.toml: access_log.enabled: expected true or false, got "no"',
+        id="access-log-enabled",
+    ),
 ]
 
 
@@ -944,6 +983,31 @@ def test_config_long_values_are_cut_in_messages() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(BASE + f'mode = "{"x" * 500}"\n')
     assert caught.value.msg == 'unknown mode, got "' + "x" * 196 + "..."
+
+
+# -- [access_log] ---------------------------------------------------------------------------------
+
+
+def test_access_log_defaults_off_and_table_values() -> None:
+    assert parse(BASE).access_log == AccessLogConfig(path=None, sample=1.0, query=QueryMode.REDACT)
+    on = parse(BASE + '[access_log]\npath = "/var/log/fastproxy/access.log"\n').access_log
+    assert on == AccessLogConfig(path="/var/log/fastproxy/access.log")
+    full = parse(BASE + '[access_log]\npath = "-"\nsample = 0\nquery = "drop"\n').access_log
+    assert full == AccessLogConfig(path="-", sample=0.0, query=QueryMode.DROP)
+    off = parse(BASE + '[access_log]\nenabled = false\npath = "a.log"\nquery = "keep"\n')
+    assert off.access_log == AccessLogConfig(path=None, query=QueryMode.KEEP)
+    assert parse(BASE + "[access_log]\nenabled = false\n").access_log.path is None
+
+
+@pytest.mark.parametrize(
+    "table",
+    ["", 'path = "/tmp/a.log"\nsample = 0.25\nquery = "keep"\n', "enabled = false\n"],
+)
+def test_access_log_dump_roundtrip(table: str, tmp_path: Path) -> None:
+    config = parse(BASE + ("[access_log]\n" + table if table else ""))
+    assert "[access_log]" in dump_config(config)
+    again = roundtrip(config, tmp_path)
+    assert again.access_log == config.access_log
 
 
 # -- dump_config --------------------------------------------------------------------------------

@@ -25,13 +25,21 @@ FIELDS: dict[str, object] = {
     "method": "GET",
     "host": "sdk.example.com",
     "path": "/api/1/devices/x",
+    "query": "session=REDACTED",
     "listener": "sdk",
+    "tls": True,
     "rule": "api-devices",
     "decision": "forward",
     "status": 200,
+    "reason": None,
     "duration_s": 0.012345,
     "upstream": "origin",
-    "reason": None,
+    "server": "10.0.0.5:8080",
+    "upstream_response_s": 0.011,
+    "bytes_in": 412,
+    "bytes_out": 1187,
+    "user_agent": "Mozilla/5.0",
+    "generation": 3,
 }
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -73,6 +81,7 @@ def isolated_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let a test call ``log.setup``; put the loggers and ``log.access`` back afterwards."""
     monkeypatch.setattr(log, "access", None)  # a writer left by another test is not ours to close
     monkeypatch.setattr(log, "_installed", [])
+    monkeypatch.setattr(log, "_forced_path", None)
     loggers = [logging.getLogger(log.APP_LOGGER), logging.getLogger("asyncio")]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     yield
@@ -442,3 +451,118 @@ def test_setup_sends_asyncio_records_as_json_too(
     assert record["logger"] == "asyncio" and record["level"] == "ERROR"
     assert "ValueError: x" in record["exc"]
     assert len(lines) == 1, lines  # one JSON line, no plain-text traceback after it
+
+
+# -- [access_log] settings, sampling, query redaction --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "redacted"),
+    [
+        (b"a=1&b=2", b"a=REDACTED&b=REDACTED"),
+        (b"token=s3cr3t", b"token=REDACTED"),
+        (b"flag&x=", b"flag&x=REDACTED"),
+        (b"a=1=2&&b", b"a=REDACTED&&b"),
+        (b"", b""),
+    ],
+)
+def test_redact_query_keeps_the_keys_and_hides_every_value(query: bytes, redacted: bytes) -> None:
+    assert log.redact_query(query) == redacted
+
+
+@pytest.mark.parametrize(("sample", "kept"), [(1.0, 100), (0.25, 25), (0.5, 50), (0.0, 0)])
+def test_sampled_keeps_exactly_the_share_evenly(
+    writer: log.AccessLog, sample: float, kept: int
+) -> None:
+    writer.sample = sample
+    calls = [writer.sampled() for _ in range(100)]
+    assert sum(calls) == kept
+    if sample == 0.25:
+        assert calls[:8] == [False, False, False, True] * 2  # spread, not bunched
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_configure_access_opens_keeps_switches_and_turns_off(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    log.setup("info")
+    log.configure_access(str(first), sample=0.5, query="drop")
+    writer = log.access
+    assert writer is not None
+    assert (writer.path, writer.sample, writer.query) == (str(first), 0.5, "drop")
+    writer.write({"path": "/a"})
+    log.configure_access(str(first), sample=1.0, query="keep")
+    assert log.access is writer  # same path: the same writer, its buffer kept
+    assert (writer.sample, writer.query) == (1.0, "keep")
+    log.configure_access(str(second))
+    assert log.access is not writer
+    assert orjson.loads(read(first))["path"] == "/a"  # the old writer flushed at close
+    log.configure_access(None)
+    assert log.access is None
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_configure_access_the_flag_path_wins_over_the_file(tmp_path: Path) -> None:
+    flag, file = tmp_path / "flag.log", tmp_path / "file.log"
+    log.setup("info", access_log=str(flag))
+    log.configure_access(str(file), sample=0.1, query="keep")
+    assert log.access is not None
+    assert (log.access.path, log.access.sample, log.access.query) == (str(flag), 0.1, "keep")
+    log.configure_access(None)  # the file turns it off: the flag keeps it on
+    assert log.access is not None
+    assert log.access.path == str(flag)
+    assert not file.exists()
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_configure_access_unopenable_path_raises_and_changes_nothing(tmp_path: Path) -> None:
+    good = tmp_path / "good.log"
+    log.setup("info")
+    log.configure_access(str(good))
+    writer = log.access
+    with pytest.raises(OSError):
+        log.configure_access(str(tmp_path / "missing" / "x.log"))
+    assert log.access is writer
+
+
+# -- journald: the priority prefix ----------------------------------------------------------------
+
+
+def _stderr_stream() -> str:
+    stat = os.fstat(2)
+    return f"{stat.st_dev}:{stat.st_ino}"
+
+
+def test_stderr_is_journal_matches_device_and_inode_only() -> None:
+    assert log.stderr_is_journal({"JOURNAL_STREAM": _stderr_stream()})
+    device, inode = _stderr_stream().split(":")
+    assert not log.stderr_is_journal({"JOURNAL_STREAM": f"{device}:{int(inode) + 1}"})
+    assert not log.stderr_is_journal({"JOURNAL_STREAM": "garbage"})
+    assert not log.stderr_is_journal({})
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_setup_prefixes_the_syslog_priority_when_stderr_is_the_journal(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", _stderr_stream())
+    log.setup("debug")
+    app = logging.getLogger(log.APP_LOGGER + ".test")
+    app.debug("d")
+    app.info("i")
+    app.warning("w")
+    app.error("e")
+    app.critical("c")
+    lines = capfd.readouterr().err.splitlines()
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    assert [orjson.loads(line[3:])["msg"] for line in lines] == ["d", "i", "w", "e", "c"]
+
+
+@pytest.mark.usefixtures("isolated_setup")
+def test_setup_plain_json_when_journal_stream_names_another_file(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    other = os.stat(tmp_path)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
+    log.setup("info")
+    logging.getLogger(log.APP_LOGGER + ".test").warning("w")
+    assert orjson.loads(capfd.readouterr().err)["msg"] == "w"
