@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import compare, procs
+from bench import clients, compare, procs
 from bench.compare import Bench, Handle, log, render
 
 HERE = Path(__file__).resolve().parent
@@ -123,17 +123,10 @@ def client_context(cert: Path, version: str) -> ssl.SSLContext:
 
 
 def read_response(conn: ssl.SSLSocket) -> None:
-    """Read one small response whole (it carries Content-Length)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise RuntimeError("connection closed before a response")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"unexpected response: {head[:60]!r}")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    """Read one small 200 response whole (it carries Content-Length)."""
+    status, length, body = clients._read_head(conn)
+    if status != 200:
+        raise RuntimeError(f"unexpected status {status}")
     while len(body) < length:
         chunk = conn.recv(65536)
         if not chunk:

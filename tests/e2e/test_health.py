@@ -22,7 +22,7 @@ import pytest
 from support.certs import Authority
 from support.client import HttpConnection, get
 from support.proxy import ProxyFactory, RunningProxy, merge
-from support.raw import RawUpstream, ThreadedOrigin, ok
+from support.raw import RawUpstream, ThreadedOrigin
 from support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.e2e
@@ -197,33 +197,8 @@ def test_a_respawned_worker_knows_which_server_is_down(
         sick.stop()
 
 
-class CountingOrigin(ThreadedOrigin):
-    """Answers every request 200 after ``delay_s``; counts requests other than ``/up``."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        super().__init__()
-        self.delay_s = delay_s
-        self.count = 0
-
-    def _serve(self, sock: socket.socket, index: int) -> None:
-        buffer = b""
-        with sock:
-            while not self._stopping.is_set():
-                taken = self.read_head(sock, buffer)
-                if taken is None:
-                    return
-                head, buffer = taken
-                if head.split(b" ", 2)[1] != b"/up":
-                    with self._lock:
-                        self.count += 1
-                try:
-                    sock.sendall(ok(b"x"))
-                except OSError:
-                    return
-
-
 def test_least_conn_breaks_ties_round_robin(factory: ProxyFactory) -> None:
-    origins = [CountingOrigin(), CountingOrigin(), CountingOrigin()]
+    origins = [StatusOrigin(up_status=200) for _ in range(3)]
     for origin in origins:
         origin.start()
     try:
@@ -233,7 +208,7 @@ def test_least_conn_breaks_ties_round_robin(factory: ProxyFactory) -> None:
             for _ in range(30):
                 assert conn.get("/api/1/devices").status == 200
         # one request at a time: every pick is a tie, and ties rotate
-        assert [o.count for o in origins] == [10, 10, 10]
+        assert [len(o.served()) for o in origins] == [10, 10, 10]
     finally:
         for origin in origins:
             origin.stop()

@@ -29,7 +29,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LOOPBACK = "127.0.0.1"
+from support.raw import ThreadedOrigin
+
 READ_SIZE = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _HEAD_END = b"\r\n\r\n"
@@ -140,73 +141,47 @@ class _Pair:
                 sock.close()
 
 
-class FaultProxy:
-    """A TCP relay on 127.0.0.1 to ``target`` (``host:port``) that injects ``fault``."""
+class FaultProxy(ThreadedOrigin):
+    """A TCP relay on 127.0.0.1 to ``target`` (``host:port``) that injects ``fault``: each
+    accepted connection is relayed upstream by its own thread, and back by a second one."""
 
     def __init__(self, target: str) -> None:
+        super().__init__()
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         #: the fault for connections opened from now on (None: relay faithfully)
         self.fault: Fault | None = None
         #: connections a fault was applied to
         self.faulted = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._stopping = threading.Event()
         self._pairs: list[_Pair] = []
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
         #: exceptions the relay threads raised (a test fails on them)
         self.errors: list[BaseException] = []
 
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> None:
-        self._accepter.start()
-
     def stop(self) -> None:
+        # closing the pairs first wakes relays blocked on a stalled upstream
         self._stopping.set()
-        self._accepter.join(10.0)
-        self._listener.close()
         with self._lock:
             pairs = list(self._pairs)
-            threads = list(self._threads)
         for pair in pairs:
             pair.close()
-        for thread in threads:
-            thread.join(10.0)
+        super().stop()
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                down, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            down.settimeout(None)
-            try:
-                up = socket.create_connection(self.target, timeout=5.0)
-            except OSError:
-                down.close()
-                continue
-            up.settimeout(None)
-            pair = _Pair(down, up, self.fault)
-            threads = [
-                threading.Thread(target=self._guard, args=(self._forward, pair), daemon=True),
-                threading.Thread(target=self._guard, args=(self._backward, pair), daemon=True),
-            ]
-            with self._lock:
-                self._pairs = [p for p in self._pairs if not p.closed]
-                self._pairs.append(pair)
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.extend(threads)
-            for thread in threads:
-                thread.start()
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        sock.settimeout(None)
+        try:
+            up = socket.create_connection(self.target, timeout=5.0)
+        except OSError:
+            sock.close()
+            return
+        up.settimeout(None)
+        pair = _Pair(sock, up, self.fault)
+        backward = threading.Thread(target=self._guard, args=(self._backward, pair), daemon=True)
+        with self._lock:
+            self._pairs = [p for p in self._pairs if not p.closed]
+            self._pairs.append(pair)
+            self._threads.append(backward)
+        backward.start()
+        self._guard(self._forward, pair)
 
     def _guard(self, relay: Callable[[_Pair], None], pair: _Pair) -> None:
         try:
