@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 
-from fastproxy import __version__, config, log, policytest, tls
+from fastproxy import BUILD, __version__, config, log, policytest, tls
 from fastproxy.config import Address, Config, ListenerConfig
 from fastproxy.errors import EXIT_CONFIG, EXIT_OK, EXIT_USAGE, ConfigError
 from fastproxy.exchange import Admission, Verdict, admit
@@ -654,6 +654,7 @@ def _stop_child(pid: int) -> None:
 def cmd_version() -> int:
     """``fastproxy version``: fastproxy, Python and the dependencies that shape its behaviour."""
     print(f"fastproxy {__version__}")
+    print(f"build {BUILD.describe()}")
     print(f"python {platform.python_version()} ({platform.python_implementation()})")
     for name in _REPORTED_DISTRIBUTIONS:
         try:

@@ -41,6 +41,11 @@ from collections.abc import Callable
 
 import h11
 
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # the usual case at run time: mypyc reads the decorator when it compiles
+    from fastproxy.accel import mypyc_attr
+
 from fastproxy.headers import (
     CONNECTION_OPTIONS,
     RESPONSE_DROPPED,
@@ -359,6 +364,8 @@ def local_response(
     return head if head_only or status == 204 else head + body
 
 
+# the test harnesses record what the exchange does to a leg in subclasses
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientLeg:
     """The client-facing side of one request/response cycle: the parser-independent part.
 
@@ -631,6 +638,8 @@ class ClientLeg:
         return self._sent_end and not self._client_close and self.request_ended
 
 
+# the test harnesses record what the exchange does to a leg in subclasses
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ServerLeg(ClientLeg):
     """The client leg on h11, the reference parser (pure Python, strict) for the head.
 
@@ -877,6 +886,8 @@ class _Up(enum.Enum):
     SWITCHED = "switched"  #: a 101 was received; the bytes after it are another protocol
 
 
+# the test harnesses record what the exchange does to a leg in subclasses
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UpstreamLeg:
     """The upstream-facing side of one upstream TCP connection.
 

@@ -27,15 +27,16 @@ error path may run when the worker has no descriptor left (EMFILE).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
 import tempfile
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fastproxy import __version__
+from fastproxy import BUILD, __version__
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
@@ -425,13 +426,24 @@ def render(
       scrape with it (a multiprocess gauge file would keep it);
     - ``fastproxy_tls_certificate_not_after_seconds`` from ``certificates``, ``(listener,
       cert, not_after)`` of the certificates the current configuration loaded;
-    - ``fastproxy_build_info`` with the version, Python and HTTP ``parser`` in use.
+    - ``fastproxy_build_info`` with the version, Python, HTTP ``parser`` and ``build`` in use.
     """
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
     from prometheus_client.core import GaugeMetricFamily
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated
+
+    class Collector(multiprocess.MultiProcessCollector):
+        """The workers' files, less any still empty: a worker creating its file while this one
+        reads the directory (prometheus-client creates it, then sizes it) has nothing in it
+        yet, and reading it as a file of values would fail the scrape."""
+
+        def collect(self) -> Iterable[Any]:
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _nonempty(f)]
+            merged: Iterable[Any] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+            return merged
+
+    Collector(registry)  # type: ignore[no-untyped-call]  # unannotated
     states = list(upstream_up)
     certs = list(certificates)
 
@@ -439,10 +451,11 @@ def render(
         def collect(self) -> Iterator[GaugeMetricFamily]:
             build = GaugeMetricFamily(
                 "fastproxy_build_info",
-                "Build information: fastproxy's version, the Python running it, the HTTP parser.",
-                labels=["version", "python", "parser"],
+                "Build information: fastproxy's version, the Python running it, the HTTP parser, "
+                "and the build (mypyc: the per-request modules compiled; python: plain Python).",
+                labels=["version", "python", "parser", "build"],
             )
-            build.add_metric([__version__, PYTHON, parser], 1.0)
+            build.add_metric([__version__, PYTHON, parser, BUILD.kind], 1.0)
             yield build
             family = GaugeMetricFamily(
                 "fastproxy_upstream_up",
@@ -466,6 +479,13 @@ def render(
     registry.register(Stated())
     data: bytes = generate_latest(registry)
     return data
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # removed meanwhile (a directory reset)
+        return False
 
 
 #: the ``python`` label of ``fastproxy_build_info``

@@ -22,6 +22,8 @@ from support.client import HttpConnection, WebSocketClient, get
 from support.proxy import ProxyFactory, RunningProxy, free_port
 from support.upstream import RecordingUpstream
 
+import fastproxy
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 WAIT_S = 20.0
@@ -47,7 +49,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "fastproxy_config_last_reload_successful": ("gauge", frozenset()),
     "fastproxy_worker_restarts_total": ("counter", frozenset({"reason"})),
     "fastproxy_tls_certificate_not_after_seconds": ("gauge", frozenset({"listener", "cert"})),
-    "fastproxy_build_info": ("gauge", frozenset({"version", "python", "parser"})),
+    "fastproxy_build_info": ("gauge", frozenset({"version", "python", "parser", "build"})),
 }
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -164,6 +166,7 @@ def test_every_family_after_mixed_traffic_and_promtool_clean(
     assert not_after > time.time()
     [build] = [dict(ls) for (n, ls) in samples if n == "fastproxy_build_info"]
     assert build["parser"] == "h11"
+    assert build["build"] == fastproxy.BUILD.kind  # the proxy inherits the suite's build
     assert build["python"].count(".") == 2
     # no raw path in any label value
     assert not any("/api/" in v or "/admin" in v for (_, ls) in samples for _, v in ls)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fastproxy.config import UpstreamConfig
 from fastproxy.errors import NoHealthyUpstream
-from fastproxy.exchange import Cycle, Exchange, ExchangeIO, UpstreamConn
+from fastproxy.exchange import Cycle, Exchange, UpstreamConn
 from fastproxy.http1 import ClientLeg, ServerLeg, UpstreamLeg
 from fastproxy.runtime import ListenerPlan
 
@@ -201,8 +201,12 @@ class Effects:
     switches: list[Switch] = field(default_factory=list)
 
 
-class Harness(ExchangeIO):
-    """One client connection around a real ``Exchange`` (see the module docstring)."""
+class Harness:
+    """One client connection around a real ``Exchange`` (see the module docstring).
+
+    An ``ExchangeIO`` by its methods, not by inheritance: a compiled ``exchange`` (mypyc)
+    makes its protocol classes traits, which interpreted classes cannot subclass.
+    """
 
     def __init__(
         self,

@@ -24,6 +24,10 @@ one-byte pieces for the drip shapes. Two properties are held:
 
 A plain Content-Length body of the same size is measured beside them and printed, for scale.
 
+The suite runs on both builds (``fastproxy.accel``). Compiled readers make no calls that the
+hook sees, so on the compiled build ``calls`` and ``c_calls`` only fall and ``copied`` is the
+guard; the plain-Python run holds all three to the figures below.
+
 Re-recording
 ------------
 After an intended change of a reader, run ``pytest tests/perf/test_linear.py -s``: each shape
@@ -40,6 +44,8 @@ from dataclasses import dataclass
 
 import pytest
 
+import fastproxy
+from fastproxy import accel
 from fastproxy.http1 import (
     MAX_RESPONSE_HEAD_BYTES,
     Ev,
@@ -405,5 +411,9 @@ def test_reader_work_is_linear_in_the_input(name: str) -> None:
 def test_the_measures_see_the_readers() -> None:
     # a reader that copies nothing on plain input copies when a line is cut between reads
     _size, measure = _measure(SHAPES["one-byte chunks"], 256 * KIB)
-    assert measure.copied > 0 and measure.calls > 1000
+    assert measure.copied > 0
+    if fastproxy.BUILD.kind == "python":
+        assert measure.calls > 1000
+    else:  # compiled readers make no Python calls the hook could see; ``copied`` still counts
+        assert {"fastproxy.http1", "fastproxy.wsframe"} <= set(accel.loaded_compiled())
     assert os.path.dirname(__file__) not in OWN_DIRS

@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+import fastproxy
 from fastproxy import __version__, log
 from fastproxy.cli import build_parser, demo_config, demo_guide, main
 from fastproxy.config import Address, load_config
@@ -181,6 +182,7 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"fastproxy {__version__}"
+    assert lines[1] == f"build {fastproxy.BUILD.describe()}"
     names = [line.split()[0] for line in lines[1:]]
     for name in ("python", "h11", "wsproto", "uvloop"):
         assert name in names

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -30,6 +31,7 @@ from fastproxy.config import (
     TlsConfig,
     UpstreamTls,
     WebSocketMode,
+    auto_parser,
     dump_config,
     load_config,
     parse_config,
@@ -147,7 +149,7 @@ def test_config_spec_example_without_tls_loads(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.source == path
     assert config.workers == 2
-    assert config.http_parser is HttpParser.H11
+    assert config.http_parser is HttpParser.HTTPTOOLS  # "auto" with the httptools extra
     assert list(config.upstreams) == ["cobrowse"]
     upstream = config.upstreams["cobrowse"]
     assert upstream.servers == (Address("10.0.0.5", 8080), Address("10.0.0.6", 8080))
@@ -1157,6 +1159,24 @@ def test_config_httptools_parser_selected(tmp_path: Path) -> None:
     path = tmp_path / "fastproxy.toml"
     path.write_text('http_parser = "httptools"\n' + BASE)
     assert load_config(str(path)).http_parser is HttpParser.HTTPTOOLS
+
+
+def test_config_parser_auto_is_httptools_when_installed_else_h11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fastproxy.toml"
+    path.write_text(BASE)
+    assert load_config(str(path)).http_parser is HttpParser.HTTPTOOLS  # a test extra
+    path.write_text('http_parser = "auto"\n' + BASE)
+    assert load_config(str(path)).http_parser is HttpParser.HTTPTOOLS
+    path.write_text('http_parser = "h11"\n' + BASE)
+    assert load_config(str(path)).http_parser is HttpParser.H11  # the reference, on request
+    monkeypatch.setitem(sys.modules, "httptools", None)  # as if not installed
+    assert auto_parser() is HttpParser.H11
+    path.write_text('http_parser = "auto"\n' + BASE)
+    assert load_config(str(path)).http_parser is HttpParser.H11
+    path.write_text(BASE)
+    assert load_config(str(path)).http_parser is HttpParser.H11
 
 
 def test_config_per_client_cap_defaults_by_policy_and_can_be_set() -> None:

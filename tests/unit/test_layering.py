@@ -15,7 +15,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "policy": ({"errors"}, set()),
     "headers": (set(), set()),
     "config": ({"errors", "policy", "headers"}, set()),
-    "http1": ({"headers"}, {"h11"}),
+    "accel": (set(), set()),
+    "http1": ({"headers", "accel"}, {"h11", "mypy_extensions"}),
     "http1_httptools": ({"http1", "headers"}, {"httptools"}),
     "wsframe": (set(), set()),
     "wsrelay": ({"wsframe"}, set()),
@@ -89,7 +90,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         },
         set(),
     ),
-    "__init__": (set(), set()),
+    "__init__": ({"accel"}, set()),
     "__main__": ({"cli"}, set()),
 }
 PURE = {
@@ -105,7 +106,15 @@ PURE = {
     "health",
 }
 IMPURE_STDLIB = {"asyncio", "socket", "time", "logging", "selectors", "threading"}
-THIRD_PARTY = {"h11", "wsproto", "uvloop", "orjson", "prometheus_client", "httptools"}
+THIRD_PARTY = {
+    "h11",
+    "wsproto",
+    "uvloop",
+    "orjson",
+    "prometheus_client",
+    "httptools",
+    "mypy_extensions",
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -136,7 +145,7 @@ def test_layering_imports_point_down(module: str) -> None:
         top = name.split(".")[0]
         if top == "fastproxy":
             target = name.split(".")[1] if "." in name else "fastproxy"
-            if target in {"__version__"}:
+            if target in {"__version__", "BUILD"}:  # the package's own attributes
                 target = "fastproxy"
             assert target in inner, f"{module} imports fastproxy.{target}"
         elif top in THIRD_PARTY:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from support.proxy import REPO_ROOT
 
+import fastproxy
 from fastproxy import __version__, metrics
 
 
@@ -49,6 +50,8 @@ m.publish([("sdk", 100, 2000)])
 m.publish([("sdk", 0, 0)])  # nothing new: nothing added twice
 m.request_done("sdk", "api", "forward", 204, 0.02, "origin", 0.01)
 m.publish([("sdk", 1, 0)])
+# another worker's file, created but not sized yet: a scrape at that instant reads around it
+open(os.path.join(sys.argv[1], "counter_99999.db"), "wb").close()
 print(json.dumps(metrics.render(certificates=[("tls", "a.crt", 1.5e9)], parser="h11").decode()))
 """
 
@@ -93,5 +96,8 @@ def test_published_counts_are_what_the_scrape_shows(tmp_path: Path) -> None:
     assert expiry + " 1.5e+09" in lines
     python = "{}.{}.{}".format(*sys.version_info[:3])
     version = __version__
-    build = f'fastproxy_build_info{{parser="h11",python="{python}",version="{version}"}}'
+    kind = fastproxy.BUILD.kind
+    build = (
+        f'fastproxy_build_info{{build="{kind}",parser="h11",python="{python}",version="{version}"}}'
+    )
     assert build + " 1.0" in lines

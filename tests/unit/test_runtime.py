@@ -40,7 +40,7 @@ def test_runtime_snapshot_resolves_every_listener_once() -> None:
     )
     assert sdk.refused_methods == frozenset({b"TRACE", b"CONNECT"})
     assert snapshot.listeners["agent"].table.decide(b"/x").target == b"/index.html"
-    assert snapshot.http_parser is HttpParser.H11
+    assert snapshot.http_parser is HttpParser.HTTPTOOLS  # "auto" with the httptools extra
 
 
 def test_runtime_plan_carries_listener_settings() -> None:
