@@ -171,6 +171,8 @@ class Built:
     calls: dict[str, dict[str, float]] = field(default_factory=dict)
     calls_error: dict[str, str] = field(default_factory=dict)
     command: str = ""
+    #: the build was made by an earlier run (``--builds``) from the same sources
+    reused: bool = False
 
 
 def variants(trees: list[tuple[str, Path]]) -> list[Variant]:
@@ -278,7 +280,7 @@ def build(v: Variant, dest: Path, max_compiled: list[str] | None) -> Built:
         kept = json.loads(stamp.read_text())
         if kept.get("digest") == key:
             log(f"  {v.key}: reusing the build in {dest}")
-            return Built(**kept["built"])
+            return dataclasses.replace(Built(**kept["built"]), reused=True)
     b = build_anew(v, dest, modules)
     if b.ok and v.tool != "tree":
         stamp.write_text(json.dumps({"digest": key, "built": dataclasses.asdict(b)}))
@@ -293,6 +295,7 @@ def build_anew(v: Variant, dest: Path, modules: tuple[str, ...]) -> Built:
             b.error = f"{v.tree}/fastproxy is not a package"
         else:
             b.load = load_check(v.tree, list(MAX_MODULES))
+            b.compiled = [m for m, how in b.load["modules"].items() if how == "extension"]
         b.so_bytes = sum(p.stat().st_size for p in so_files(v.tree / "fastproxy"))
         return b
     shutil.rmtree(dest, ignore_errors=True)
@@ -421,6 +424,12 @@ def write_lab(out: Path, doc: dict[str, Any]) -> None:
         got = values.get(metric, {}).get(key)
         return statistics.median(got) if got else None
 
+    def us_cell(key: str) -> str:
+        got = values.get("http_us", {}).get(key, [])
+        if len(got) < 2:
+            return fmt(median("http_us", key), ".1f")
+        return f"{statistics.median(got):.1f} ({min(got):.0f} to {max(got):.0f})"
+
     def ratio(key: str) -> float | None:
         a, b = values.get("http_us", {}).get(key, []), values.get("http_us", {}).get("nginx", [])
         pairs = [x / y for x, y in zip(a, b, strict=False) if y]
@@ -441,7 +450,7 @@ def write_lab(out: Path, doc: dict[str, Any]) -> None:
     ]
     if "nginx" in labels:
         lines.append(
-            f"| {labels['nginx']} | — | — | {fmt(median('http_us', 'nginx'), '.1f')} | 1.00 "
+            f"| {labels['nginx']} | — | — | {us_cell('nginx')} | 1.00 "
             f"| {fmt(median('http_rps', 'nginx'), '.0f')} | — | — | — | — |"
         )
     for key, b in built.items():
@@ -452,13 +461,13 @@ def write_lab(out: Path, doc: dict[str, Any]) -> None:
         for parser in PARSERS:
             tk = f"{key}-{parser}"
             calls = b.calls.get(parser)
-            compiled = str(len(b.compiled)) if b.compiled else ("—" if key != "pure" else "0")
+            compiled = str(len(b.compiled))
             if tk not in labels:
                 why = doc["unavailable"].get(tk, "not measured")
                 lines.append(f"| {label} | {parser} | {compiled} | {why} | | | | | | |")
                 continue
             lines.append(
-                f"| {label} | {parser} | {compiled} | {fmt(median('http_us', tk), '.1f')} "
+                f"| {label} | {parser} | {compiled} | {us_cell(tk)} "
                 f"| {fmt(ratio(tk), '.2f')} | {fmt(median('http_rps', tk), '.0f')} "
                 f"| {fmt(calls['calls'] if calls else None, '.0f')} "
                 f"| {fmt(calls['c_calls'] if calls else None, '.0f')} "
@@ -466,13 +475,18 @@ def write_lab(out: Path, doc: dict[str, Any]) -> None:
             )
     lines += [
         "",
+        "CPU µs / request: the median, with the lowest and highest run in brackets when "
+        "there were several. "
         "Python calls / request: `tests/perf/test_call_budget.py`'s count (function calls into "
         "fastproxy and the parser libraries, plus calls from them into other Python code) run "
         "against the variant's package. Code compiled to C makes no Python frames, so compiled "
         "functions and the C calls they make are not seen: the figure is the work left in the "
         "interpreter. Build s: wall time of `setup_lab.py build_ext --inplace -j 2` on this "
-        "machine (busy with other work meanwhile: a rough figure). .so size: every extension "
-        "file the variant built (mypyc: one shared library plus a small shim per module).",
+        "machine (busy with other work meanwhile: a rough figure; a build reused from an "
+        "earlier run with `--builds` keeps its first time). .so size: every extension "
+        "file the variant built (mypyc: one shared library plus a small shim per module; "
+        "the shared library holds every compiled module's code, and a module's shim is "
+        "mapped only when the module was imported through the import system).",
         "",
     ]
     lines += conclusion(built, labels, median, ratio)
@@ -490,7 +504,9 @@ def write_lab(out: Path, doc: dict[str, Any]) -> None:
             ]
             continue
         what = ", ".join(b.compiled) if b.compiled else "nothing compiled"
-        lines.append(f"{head}: {what}.")
+        lines.append(
+            f"{head}: {what}" + (" (build reused from an earlier run)." if b.reused else ".")
+        )
         for module, why in b.dropped.items():
             lines.append(f"  - dropped `{module}`: `{why}`")
         if b.load.get("file"):
@@ -564,6 +580,13 @@ def conclusion(
             + f". Lowest: {best} at {best_us:.1f} µs"
             + (f", {r:.2f} times nginx." if r is not None else ".")
         )
+    costs = [
+        f"{k} {b.seconds:.0f} s and {b.so_bytes / 1e6:.1f} MB"
+        for k, b in built.items()
+        if b.ok and b.so_bytes
+    ]
+    if costs:
+        lines.append("- Build time and size of the extension files: " + "; ".join(costs) + ".")
     return lines
 
 
@@ -672,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - t0
         r = bench.results
         cmd = "python -m bench.lab" + (" --quick" if args.quick else "")
+        cmd += f" --runs {args.runs}" if args.runs else ""
+        cmd += " --builds DIR" if args.builds else ""
         cmd += "".join(f" --tree {name}=PATH" for name, _ in trees)
         commands = compare.clean_commands(procs.COMMANDS, tmp)
         commands = [c.replace(str(builds), "$TMP/variants") for c in commands]
