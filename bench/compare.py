@@ -120,8 +120,18 @@ QUICK = Settings(
 class Handle:
     """A proxy process that can be started again on the same port and configuration."""
 
-    def __init__(self, bench: Bench, name: str, argv: list[str], port: int, *, forks: bool) -> None:
+    def __init__(
+        self,
+        bench: Bench,
+        name: str,
+        argv: list[str],
+        port: int,
+        *,
+        forks: bool,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.bench = bench
+        self.env = env
         self.name = name
         self.argv = argv
         self.port = port
@@ -130,7 +140,7 @@ class Handle:
         self.proc = self._launch()
 
     def _launch(self) -> Started:
-        proc = self.bench.start(self.name, self.argv, self.bench.proxy_core)
+        proc = self.bench.start(self.name, self.argv, self.bench.proxy_core, self.env)
         if self.forks:
             procs.wait_children(proc.pid, 1)
         procs.wait_port(self.port)
@@ -240,8 +250,10 @@ class Bench:
 
     # ---------------------------------------------------------------- processes
 
-    def start(self, name: str, argv: list[str], core: int | None) -> Started:
-        proc = Started(name, procs.taskset(core, argv), self.tmp / f"{name}.log")
+    def start(
+        self, name: str, argv: list[str], core: int | None, env: dict[str, str] | None = None
+    ) -> Started:
+        proc = Started(name, procs.taskset(core, argv), self.tmp / f"{name}.log", env)
         self.started.append(proc)
         return proc
 
@@ -390,11 +402,13 @@ class Bench:
         access_log: bool = False,
         tests: frozenset[str] = ALL_TESTS,
         note: str = "",
+        env: dict[str, str] | None = None,
     ) -> bool:
+        """``env``: extra environment of fastproxy (e.g. ``PYTHONPATH`` of another build)."""
         conf, port, tunnel = self.fastproxy_config(
             key, workers=1, parser=parser, admin=admin, per_client=0
         )
-        check = procs.run([sys.executable, "-m", "fastproxy", "check", "-c", str(conf)])
+        check = procs.run([sys.executable, "-m", "fastproxy", "check", "-c", str(conf)], env=env)
         if check.returncode != 0:
             why = (check.stdout + check.stderr).strip().splitlines()
             self.results.unavailable[key] = (why[-1] if why else "refused").replace(
@@ -405,7 +419,7 @@ class Bench:
         argv = [sys.executable, "-m", "fastproxy", "run", "-c", str(conf), "--log-level", "warning"]
         if access_log:
             argv += ["--access-log", str(self.tmp / f"{key}-access.log")]
-        handle = Handle(self, key, argv, port, forks=True)
+        handle = Handle(self, key, argv, port, forks=True, env=env)
         self.add_target(Target(key, label, port, handle, tests, note=note))
         if "ws" in tests and parser == "h11" and admin and not access_log:
             self.add_target(

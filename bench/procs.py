@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -150,13 +150,24 @@ def taskset(core: int | None, argv: Sequence[str]) -> list[str]:
 class Started:
     """A process the runner started; only these are ever signalled, by their own pid."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        """``env``: variables set for the process on top of the runner's own."""
         self.name = name
         self.argv = list(argv)
-        COMMANDS.append(shlex.join(self.argv))
+        COMMANDS.append(
+            " ".join(
+                [*(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()), shlex.join(self.argv)]
+            )
+        )
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
 
     @property
@@ -177,10 +188,21 @@ class Started:
         self._log.close()
 
 
-def run(argv: Sequence[str], timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion, recorded for RESULTS.md."""
-    COMMANDS.append(shlex.join(argv))
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+def run(
+    argv: Sequence[str], timeout: float = 600.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, recorded for RESULTS.md; ``env`` as for ``Started``."""
+    COMMANDS.append(
+        " ".join([*(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()), shlex.join(argv)])
+    )
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **env} if env else None,
+    )
 
 
 def first_line(argv: Sequence[str]) -> str:

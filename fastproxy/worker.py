@@ -154,11 +154,11 @@ class _SslProtocolFactory(Protocol):
         app_protocol: asyncio.BaseProtocol,
         sslcontext: ssl.SSLContext,
         waiter: asyncio.Future[None],
-        server_side: bool = ...,
-        server_hostname: str | None = ...,
-        call_connection_made: bool = ...,
-        ssl_handshake_timeout: float | None = ...,
-        ssl_shutdown_timeout: float | None = ...,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        call_connection_made: bool = True,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
     ) -> asyncio.BufferedProtocol: ...
 
 
