@@ -91,9 +91,13 @@ UPSTREAM_ERROR_KINDS = ("upstream_failed", "upstream_timeout", "upstream_truncat
 SHED_REASONS = ("max_connections", "max_connections_per_client", "descriptors")
 
 
-#: ``fastproxy_request_duration_seconds`` and ``fastproxy_upstream_response_seconds``: 1 ms
-#: (a cached answer next door) to 60 s (the longest default timeout)
+#: ``fastproxy_request_duration_seconds`` and ``fastproxy_upstream_response_seconds``: 100 µs
+#: (a proxy's own work and a loopback round trip: the latency tail is read here) to 60 s (the
+#: longest default timeout)
 DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
     0.001,
     0.0025,
     0.005,

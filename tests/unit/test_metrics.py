@@ -68,7 +68,10 @@ def test_published_counts_are_what_the_scrape_shows(tmp_path: Path) -> None:
     lines = set(json.loads(result.stdout).splitlines())
     duration = 'fastproxy_request_duration_seconds_bucket{le="%s",listener="sdk",rule="api"} %s'
     for bound, count in [
-        ("0.001", "2.0"),  # le: 0.001 itself counts
+        ("0.0001", "0.0"),
+        ("0.00025", "0.0"),
+        ("0.0005", "1.0"),  # le: the bound itself counts
+        ("0.001", "2.0"),
         ("0.0025", "2.0"),
         ("0.005", "3.0"),
         ("0.025", "4.0"),
