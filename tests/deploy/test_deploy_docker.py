@@ -125,6 +125,11 @@ def test_entrypoint_is_exec_form_with_the_mounted_configuration() -> None:
 def test_installs_the_source_tree_with_httptools() -> None:
     build = stages(parsed())[0]
     assert any(k == "RUN" and '"/src[httptools]"' in rest for k, rest in build)
+    # the accelerated build: a compiler in the build stage only, and no silent fallback
+    install = next(rest for k, rest in build if k == "RUN" and '"/src[httptools]"' in rest)
+    assert install.startswith("FASTPROXY_BUILD=compiled ")
+    assert any(k == "RUN" and "gcc" in rest for k, rest in build)
+    assert not any(k == "RUN" and "gcc" in rest for k, rest in final_stage())
     copied = [rest.split()[:-1] for k, rest in build if k == "COPY"]
     assert copied
     for sources in copied:
