@@ -54,6 +54,19 @@ class UpstreamOwner(Protocol):
     def on_upstream_resume_writing(self) -> None: ...
 
 
+def _spent_leg() -> UpstreamLeg:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/", [])  # mid-exchange: never idle
+    leg.feed_eof()  # closed: never reusable, and a later ``feed_eof`` changes nothing
+    return leg
+
+
+#: the leg of every connection that carries a WebSocket (``UpstreamProtocol.tunnel``): it is
+#: never read as HTTP again nor given back to a pool, so one shared leg, in a state that no
+#: pool keeps, stands in for each connection's own
+_TUNNEL_LEG = _spent_leg()
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One TCP connection to an upstream server; the ``exchange.UpstreamConn`` an exchange
     writes to, pauses, and gives back (``release``, ``discard``)."""
@@ -127,6 +140,11 @@ class UpstreamProtocol(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
+
+    def tunnel(self) -> None:
+        """The connection carries a WebSocket from now on (after a checked 101, whose trailing
+        bytes were taken): its HTTP reader and writer state goes, and a pool never keeps it."""
+        self.leg = _TUNNEL_LEG
 
     def release(self) -> None:
         """Back to its pool after a complete exchange (``UpstreamPool.release``)."""
