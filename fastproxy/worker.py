@@ -624,7 +624,8 @@ class ClientProtocol(asyncio.Protocol):
             conn.tunnel()
         self.tunnel_upstream = conn
         self.listener.ws_gauge.inc()
-        self.ws_start = time.monotonic()
+        # one float for both (an idle tunnel keeps it until its first active tick)
+        self.ws_start = self.last_ws_activity = time.monotonic()
         plan = cycle.plan
         limits = plan.limits
         self.tunnel_limits = limits
@@ -634,7 +635,6 @@ class ClientProtocol(asyncio.Protocol):
             self.tunnel_trackers = (FrameTracker(), FrameTracker())
         self._update_reading_tunnel()
         self._arm_tunnel(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
-        self.last_ws_activity = time.monotonic()
         if upstream_rest:
             self._tunnel_from_upstream(upstream_rest)
         if client_rest and self.exchange.state is State.TUNNEL:
