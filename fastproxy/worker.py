@@ -321,6 +321,18 @@ class WorkerState:
         logger.warning(msg, *args, extra=extra)
 
 
+class TunnelUpstream(Protocol):
+    """The upstream side of a WebSocket tunnel: an ``upstream.TunnelSocket``, or the
+    ``UpstreamConn`` itself where it cannot be detached (TLS)."""
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, data: list[bytes]) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def discard(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class ClientProtocol(asyncio.Protocol):
     """One client connection on one listener: the asyncio adapter of an ``exchange.Exchange``.
 
@@ -387,7 +399,9 @@ class ClientProtocol(asyncio.Protocol):
         #: a frame went through since the last keep-alive tick (cheaper than a clock read each)
         self.ws_active = False
         self.relay: WebSocketRelay | None = None
-        self.tunnel_upstream: UpstreamConn | None = None
+        #: the upstream side of a tunnel: a ``TunnelSocket`` (a plain TCP upstream), else the
+        #: upstream connection as it was
+        self.tunnel_upstream: TunnelUpstream | None = None
         self.ws_closing = False
         #: when the tunnel opened (``fastproxy_websocket_duration_seconds``)
         self.ws_start = 0.0
@@ -620,9 +634,12 @@ class ClientProtocol(asyncio.Protocol):
         # go, and the upstream connection drops its HTTP reader (the exchange its scanner).
         self.arm = _no_exchange_timer
         self.cancel_timer = _no_exchange_cancel
+        upstream: TunnelUpstream = conn
         if isinstance(conn, UpstreamProtocol):
             conn.tunnel()
-        self.tunnel_upstream = conn
+            # a plain TCP upstream goes on as a bare descriptor, without its uvloop transport
+            upstream = conn.detach() or conn
+        self.tunnel_upstream = upstream
         self.listener.ws_gauge.inc()
         # one float for both (an idle tunnel keeps it until its first active tick)
         self.ws_start = self.last_ws_activity = time.monotonic()

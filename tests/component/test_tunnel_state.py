@@ -1,8 +1,10 @@
 """What an idle WebSocket tunnel keeps, in process on a real uvloop loop (no master, no fork).
 
-After a checked 101 the connection holds no HTTP parser state: the exchange's head scanner and
-the upstream connection's reader are shared stand-ins that hold nothing, the exchange's two
-per-connection timer callables are gone, and the relay keeps no frame scanner between frames.
+After a checked 101 the connection holds no HTTP parser state: the exchange's head scanner is a
+shared stand-in that holds nothing, the plain TCP upstream connection is a bare descriptor
+(``upstream.TunnelSocket``; one that stays a transport drops its reader for a shared spent
+one), the exchange's two per-connection timer callables are gone, and the relay keeps no frame
+scanner between frames.
 The tunnels' timeouts fall on the coarse ``WS_TICK_S`` grid, so idle tunnels share
 ``Deadlines`` buckets. Both parsers (``http_parser`` fixture), in front of the recording
 upstream's WebSocket echo.
@@ -25,7 +27,7 @@ from fastproxy.config import parse_config
 from fastproxy.deadlines import RESOLUTION_S
 from fastproxy.exchange import State
 from fastproxy.runtime import Snapshot
-from fastproxy.upstream import UpstreamProtocol
+from fastproxy.upstream import TunnelSocket, UpstreamProtocol
 
 
 def _open(port: int, name: str) -> WebSocketClient:
@@ -68,10 +70,9 @@ def test_an_idle_tunnel_holds_no_parser_state(
                 assert not isinstance(conn.cancel_timer, functools.partial)
                 assert len(conn.exchange.scanner) == 0 and conn.exchange.cycle is None
                 assert conn.relay is not None and conn.relay.at_rest
+                # the plain TCP upstream is a bare descriptor now, not a second transport
                 upstream_conn = conn.tunnel_upstream
-                assert isinstance(upstream_conn, UpstreamProtocol)
-                # never read as HTTP again, never given back to a pool
-                assert not upstream_conn.leg.idle and not upstream_conn.leg.reusable
+                assert isinstance(upstream_conn, TunnelSocket) and upstream_conn.is_open
                 # the ping timer sits on the WS_TICK_S grid (plus the one tick of rounding)
                 per_step = round(worker.WS_TICK_S / RESOLUTION_S)
                 assert conn.deadline_tick % per_step == 1, conn.deadline_tick
@@ -79,15 +80,26 @@ def test_an_idle_tunnel_holds_no_parser_state(
             assert first.arm is second.arm and first.cancel_timer is second.cancel_timer
             assert first.exchange.scanner is second.exchange.scanner
             assert first.exchange.scanner is not None
-            first_up, second_up = first.tunnel_upstream, second.tunnel_upstream
-            assert isinstance(first_up, UpstreamProtocol)
-            assert isinstance(second_up, UpstreamProtocol)
-            assert first_up.leg is second_up.leg
+            pool = state.pools["app"]
+            assert [server.active for server in pool.servers] == [2]
+            # an upstream connection that stays one (TLS) drops its HTTP reader: the spent leg,
+            # shared, which no pool keeps
+            legs = []
+            for _ in range(2):
+                spare = UpstreamProtocol(pool.servers[0])
+                spare.tunnel()
+                legs.append(spare.leg)
+            assert legs[0] is legs[1] and not legs[0].idle and not legs[0].reusable
             # and the tunnels still relay, both ways, and close cleanly
             for ws, name in zip(clients, ("a", "b"), strict=True):
                 await loop.run_in_executor(None, ws.send_text, f"again {name}")
                 assert await loop.run_in_executor(None, ws.recv) == f"again {name}"
                 assert await loop.run_in_executor(None, ws.close, 1000) == 1000
+            for _ in range(100):  # the tunnels end: the server's count goes back, fds close
+                if not listener.connections and pool.servers[0].active == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert not listener.connections and pool.servers[0].active == 0
         finally:
             for ws in clients:
                 ws.sock.close()
