@@ -21,6 +21,11 @@ the local mark holds until the master's table says the server is down (or for ``
 so a table sent before the report arrived cannot put the server back early. Balancing picks among
 the servers that are up; with none, ``pick`` raises ``NoHealthyUpstream`` (503 at once, no
 connect attempt). ``least_conn`` breaks ties round robin.
+
+WebSocket tunnels: after a checked 101 a plain TCP connection leaves its transport
+(``UpstreamProtocol.detach``) and goes on as a ``TunnelSocket``, a bare descriptor read with
+``loop.add_reader``, which holds far less memory than a second uvloop transport and protocol
+per idle WebSocket; it counts as active on its server until the tunnel ends (``discard``).
 """
 
 from __future__ import annotations
@@ -201,7 +206,9 @@ class UpstreamProtocol(asyncio.Protocol):
 #: a ``TunnelSocket`` stops its owner's reading above this many unsent bytes, and resumes it
 #: at a quarter of it (as uvloop's transports do with ``set_write_buffer_limits(high=...)``)
 TUNNEL_HIGH_WATER_BYTES = 256 * 1024
-_TUNNEL_READ_BYTES = 256 * 1024
+#: the most one read takes (``os.read`` allocates this much and shrinks it to what came: larger
+#: sizes cross glibc's mmap threshold and cost a map and an unmap per read)
+_TUNNEL_READ_BYTES = 64 * 1024
 
 
 class TunnelSocket:
