@@ -515,13 +515,21 @@ class ClientProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange.state is not State.TUNNEL:
             exchange.upstream_data(data, time.monotonic())
-        else:
+            return
+        try:
             self._tunnel_from_upstream(data)
+        except Exception as exc:
+            # a ``TunnelSocket`` calls this from the loop's reader callback, where the loop's
+            # handler would find no connection to end
+            self.crashed(exc)
 
     def on_upstream_lost(self) -> None:
         if self.exchange.state is State.TUNNEL:
-            self._end_tunnel()
-            self._close()
+            try:
+                self._end_tunnel()
+                self._close()
+            except Exception as exc:  # called on a later loop pass by a ``TunnelSocket``
+                self.crashed(exc)
             return
         self.exchange.upstream_lost(time.monotonic())
 

@@ -19,7 +19,7 @@ import socket
 import prometheus_client
 import pytest
 import uvloop
-from support.client import WebSocketClient
+from support.client import ConnectionClosedError, WebSocketClient, WebSocketClosedError
 from support.upstream import RecordingUpstream
 
 from fastproxy import worker
@@ -109,3 +109,54 @@ def test_an_idle_tunnel_holds_no_parser_state(
             await server.wait_closed()
 
     uvloop.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_an_error_relaying_upstream_bytes_ends_the_tunnel(
+    upstream: RecordingUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream side's reads come from the loop's reader callback, not a transport's: an
+    exception there is logged and ends the connection, as one in a transport callback does."""
+    monkeypatch.setattr(prometheus_client.REGISTRY, "register", lambda collector: None)
+
+    def boom(self: worker.ClientProtocol, data: bytes) -> None:
+        raise RuntimeError("injected failure")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        config = parse_config(
+            {
+                "upstreams": {"app": {"servers": [upstream.address]}},
+                "listeners": {"sdk": {"bind": "127.0.0.1:0", "policy": "cobrowse-sdk"}},
+            },
+            "fastproxy.toml",
+        )
+        state = worker.WorkerState(Snapshot.build(config, 1), loop)
+        loop.set_exception_handler(functools.partial(worker._on_loop_exception, state))
+        listener = state.listeners["sdk"]
+        sock = socket.create_server(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await worker._start_listener(state, listener, sock)
+        ws = await loop.run_in_executor(None, _open, sock.getsockname()[1], "a")
+        try:
+            [conn] = listener.connections
+            assert isinstance(conn.tunnel_upstream, TunnelSocket)
+            monkeypatch.setattr(worker.ClientProtocol, "_tunnel_from_upstream", boom)
+            await loop.run_in_executor(None, ws.send_text, "echo me")  # the echo raises
+            pool = state.pools["app"]
+            for _ in range(100):
+                if not listener.connections and pool.servers[0].active == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert not listener.connections and pool.servers[0].active == 0
+            with pytest.raises((ConnectionClosedError, OSError, WebSocketClosedError)):
+                await loop.run_in_executor(None, ws.recv)
+        finally:
+            ws.sock.close()
+            server = listener.server
+            assert server is not None
+            server.close()
+            await server.wait_closed()
+
+    uvloop.run(scenario())
+    assert "injected failure" in caplog.text
