@@ -1163,6 +1163,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite RESULTS.md and the plots from results.json in --out, measure nothing",
     )
+    parser.add_argument(
+        "--only-idle",
+        action="store_true",
+        help="measure only the memory per idle connection, print it, write nothing",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         r, s, meta = load_json(args.out / "results.json")
@@ -1244,6 +1249,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if want("relay"):
                 bench.start_relay()
+            if args.only_idle:
+                log("memory per idle connection")
+                for t in bench.each("idle"):
+                    bench.measure_idle(t)
+                return 0
             bench.run_all()
             bench.run_micro()
             bench.stop_all(keep=frozenset({"py-origin", "nginx-origin"}))

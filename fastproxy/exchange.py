@@ -563,6 +563,12 @@ class Cycle:
         self.tries = 1
 
 
+#: the scanner of every exchange that became a tunnel: a tunnel reads no more heads (the bytes
+#: after the 101 were handed over with it), so its own scanner goes; this one holds nothing and,
+#: with its zero limits, would refuse any head
+_NO_SCANNER = HeadScanner(0, 0, 0)
+
+
 class Exchange:
     """The HTTP exchange of one client connection: events in, ``ExchangeIO`` calls out."""
 
@@ -1239,6 +1245,7 @@ class Exchange:
         cycle.upstream = None
         self.cycle = None
         self.state = State.TUNNEL
+        self.scanner = _NO_SCANNER
         self.io.switched(cycle, conn, client_rest, upstream_rest)
 
     def _finish_cycle(self, cycle: Cycle) -> None:

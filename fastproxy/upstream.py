@@ -21,12 +21,18 @@ the local mark holds until the master's table says the server is down (or for ``
 so a table sent before the report arrived cannot put the server back early. Balancing picks among
 the servers that are up; with none, ``pick`` raises ``NoHealthyUpstream`` (503 at once, no
 connect attempt). ``least_conn`` breaks ties round robin.
+
+WebSocket tunnels: after a checked 101 a plain TCP connection leaves its transport
+(``UpstreamProtocol.detach``) and goes on as a ``TunnelSocket``, a bare descriptor read with
+``loop.add_reader``, which holds far less memory than a second uvloop transport and protocol
+per idle WebSocket; it counts as active on its server until the tunnel ends (``discard``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol, cast
@@ -52,6 +58,19 @@ class UpstreamOwner(Protocol):
     def on_upstream_lost(self) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
     def on_upstream_resume_writing(self) -> None: ...
+
+
+def _spent_leg() -> UpstreamLeg:
+    leg = UpstreamLeg()
+    leg.request(b"GET", b"/", [])  # mid-exchange: never idle
+    leg.feed_eof()  # closed: never reusable, and a later ``feed_eof`` changes nothing
+    return leg
+
+
+#: the leg of every connection that carries a WebSocket (``UpstreamProtocol.tunnel``): it is
+#: never read as HTTP again nor given back to a pool, so one shared leg, in a state that no
+#: pool keeps, stands in for each connection's own
+_TUNNEL_LEG = _spent_leg()
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -128,6 +147,42 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
+    def tunnel(self) -> None:
+        """The connection carries a WebSocket from now on (after a checked 101, whose trailing
+        bytes were taken): its HTTP reader and writer state goes, and a pool never keeps it."""
+        self.leg = _TUNNEL_LEG
+
+    def detach(self) -> TunnelSocket | None:
+        """The connection as a ``TunnelSocket`` (its descriptor, duplicated, read with
+        ``add_reader``), and this transport closed; None when it must stay a transport (TLS,
+        bytes still to write, already closing). Called after ``tunnel``, before any tunnel byte
+        is read, while the owner has not paused it."""
+        transport = self.transport
+        owner = self.owner
+        if (
+            transport is None
+            or owner is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return None
+        # closing the transport closes its own descriptor only: the connection lives on in
+        # ``fd`` (no FIN, no reset), and ``connection_lost`` finds no owner to tell
+        self.owner = None
+        self.server.forget(self)
+        transport.abort()
+        tunnel = TunnelSocket(fd, self.server, owner)
+        tunnel.resume_reading()
+        return tunnel
+
     def release(self) -> None:
         """Back to its pool after a complete exchange (``UpstreamPool.release``)."""
         self.server.pool.release(self)
@@ -146,6 +201,182 @@ class UpstreamProtocol(asyncio.Protocol):
         self.server.forget(self)
         if self.transport is not None:
             self.transport.close()
+
+
+#: a ``TunnelSocket`` stops its owner's reading above this many unsent bytes, and resumes it
+#: at a quarter of it (as uvloop's transports do with ``set_write_buffer_limits(high=...)``)
+TUNNEL_HIGH_WATER_BYTES = 256 * 1024
+#: the most one read takes (``os.read`` allocates this much and shrinks it to what came: larger
+#: sizes cross glibc's mmap threshold and cost a map and an unmap per read)
+_TUNNEL_READ_BYTES = 64 * 1024
+
+
+class TunnelSocket:
+    """The upstream side of a WebSocket tunnel as a bare non-blocking descriptor.
+
+    An idle WebSocket otherwise holds a second uvloop transport and protocol (about 1.5 KB);
+    this holds the descriptor, the loop's reader registration and the unsent bytes. It does
+    for the tunnel what the transport did: reads go to ``owner.on_upstream_data``; an end of
+    stream, a reset or a failed write end it (``owner.on_upstream_lost``, on the next loop
+    pass, as a transport's ``connection_lost``); writes that the kernel does not take at once
+    are queued and flushed when the socket is writable, and past ``TUNNEL_HIGH_WATER_BYTES``
+    the owner is told to stop reading its side (``on_upstream_pause_writing``) until the queue
+    drains to a quarter (``on_upstream_resume_writing``); ``close`` flushes the queue, then
+    closes (a FIN); ``discard`` does that and gives the server's active count back.
+    """
+
+    __slots__ = ("_closing", "_fd", "_out", "_paused", "_queued", "_reading", "owner", "server")
+
+    def __init__(self, fd: int, server: Server, owner: UpstreamOwner) -> None:
+        self._fd = fd
+        self.server = server
+        self.owner: UpstreamOwner | None = owner
+        #: bytes the kernel did not take yet, in order; None while there are none
+        self._out: list[bytes] | None = None
+        self._queued = 0
+        self._reading = False
+        #: the owner was told to stop reading (``on_upstream_pause_writing``)
+        self._paused = False
+        #: ``close`` was called: the descriptor closes once the queue is flushed
+        self._closing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0 and not self._closing
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, _TUNNEL_READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        if not data:
+            self._lost()  # the upstream closed: so does the tunnel, as with a transport
+            return
+        owner = self.owner
+        if owner is not None:
+            owner.on_upstream_data(data)
+
+    def write(self, data: bytes) -> None:
+        if self._fd < 0 or self._closing or not data:
+            return
+        if self._out is None:
+            try:
+                sent = os.write(self._fd, data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._fail()
+                return
+            if sent == len(data):
+                return
+            self._out = [data[sent:]]
+            self._queued = len(data) - sent
+            server = self.server
+            server.pool.loop.add_writer(self._fd, self._on_writable)
+        else:
+            self._out.append(data)
+            self._queued += len(data)
+        if not self._paused and self._queued > TUNNEL_HIGH_WATER_BYTES:
+            self._paused = True
+            owner = self.owner
+            if owner is not None:
+                owner.on_upstream_pause_writing()
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def _on_writable(self) -> None:
+        out = self._out
+        fd = self._fd
+        while out:
+            data = out[0]
+            try:
+                sent = os.write(fd, data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._fail()
+                return
+            self._queued -= sent
+            if sent < len(data):
+                out[0] = data[sent:]
+                break
+            out.pop(0)
+        if out:
+            if self._paused and self._queued <= TUNNEL_HIGH_WATER_BYTES // 4:
+                self._resumed()
+            return
+        self._out = None
+        self._queued = 0
+        self.server.pool.loop.remove_writer(fd)
+        if self._closing:
+            self._close_now()
+        elif self._paused:
+            self._resumed()
+
+    def _resumed(self) -> None:
+        self._paused = False
+        owner = self.owner
+        if owner is not None:
+            owner.on_upstream_resume_writing()
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.server.pool.loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._fd >= 0 and not self._closing:
+            self._reading = True
+            self.server.pool.loop.add_reader(self._fd, self._on_readable)
+
+    def discard(self) -> None:
+        """The tunnel ended: flush, close, and give the server's active count back."""
+        self.server.active -= 1
+        self.close()
+
+    def close(self) -> None:
+        """Close once what was written is flushed; the owner is not called again."""
+        self.owner = None
+        if self._fd < 0 or self._closing:
+            return
+        self._closing = True
+        self.pause_reading()
+        if self._out is None:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        fd = self._fd
+        if fd < 0:
+            return
+        self._fd = -1
+        self._reading = False
+        loop = self.server.pool.loop
+        loop.remove_reader(fd)
+        if self._out is not None:
+            self._out = None
+            self._queued = 0
+            loop.remove_writer(fd)
+        os.close(fd)
+
+    def _fail(self) -> None:
+        # a reset or a failed write: nothing more can be sent; the owner hears of it on the
+        # next loop pass (never from inside its own ``write``), as from a transport
+        self._out = None
+        self._queued = 0
+        self._closing = False
+        self.server.pool.loop.remove_writer(self._fd)
+        self._lost()
+
+    def _lost(self) -> None:
+        self._close_now()
+        owner = self.owner
+        self.owner = None
+        if owner is not None:
+            self.server.pool.loop.call_soon(owner.on_upstream_lost)
 
 
 class Server:

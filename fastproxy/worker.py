@@ -86,6 +86,13 @@ WS_CLOSE_TIMEOUT_S = 10.0
 #: on SIGTERM, WebSockets get their Close 1001 this long before ``graceful_timeout_s`` (at most
 #: half of it), which leaves the close handshake and the last answers time to go out
 WS_DRAIN_MARGIN_S = 5.0
+#: a tunnel's timeouts (pings, idle, the close handshake) fall on multiples of this (or of an
+#: eighth of a shorter timeout), so that the idle WebSockets of a worker share a few
+#: ``Deadlines`` buckets instead of one per 25 ms tick
+WS_TICK_S = 0.5
+# past the multiple, so that the rounding up in ``Deadlines.arm`` gives every tunnel armed for
+# the same multiple the same tick
+_WS_TICK_MARGIN_S = 0.001
 #: how often the drain looks at the connections
 DRAIN_STEP_S = 0.05
 #: on SIGTERM, an idle keep-alive connection is closed once it has been quiet this long
@@ -314,6 +321,18 @@ class WorkerState:
         logger.warning(msg, *args, extra=extra)
 
 
+class TunnelUpstream(Protocol):
+    """The upstream side of a WebSocket tunnel: an ``upstream.TunnelSocket``, or the
+    ``UpstreamConn`` itself where it cannot be detached (TLS)."""
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, data: list[bytes]) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def discard(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class ClientProtocol(asyncio.Protocol):
     """One client connection on one listener: the asyncio adapter of an ``exchange.Exchange``.
 
@@ -380,7 +399,9 @@ class ClientProtocol(asyncio.Protocol):
         #: a frame went through since the last keep-alive tick (cheaper than a clock read each)
         self.ws_active = False
         self.relay: WebSocketRelay | None = None
-        self.tunnel_upstream: UpstreamConn | None = None
+        #: the upstream side of a tunnel: a ``TunnelSocket`` (a plain TCP upstream), else the
+        #: upstream connection as it was
+        self.tunnel_upstream: TunnelUpstream | None = None
         self.ws_closing = False
         #: when the tunnel opened (``fastproxy_websocket_duration_seconds``)
         self.ws_start = 0.0
@@ -494,13 +515,21 @@ class ClientProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange.state is not State.TUNNEL:
             exchange.upstream_data(data, time.monotonic())
-        else:
+            return
+        try:
             self._tunnel_from_upstream(data)
+        except Exception as exc:
+            # a ``TunnelSocket`` calls this from the loop's reader callback, where the loop's
+            # handler would find no connection to end
+            self.crashed(exc)
 
     def on_upstream_lost(self) -> None:
         if self.exchange.state is State.TUNNEL:
-            self._end_tunnel()
-            self._close()
+            try:
+                self._end_tunnel()
+                self._close()
+            except Exception as exc:  # called on a later loop pass by a ``TunnelSocket``
+                self.crashed(exc)
             return
         self.exchange.upstream_lost(time.monotonic())
 
@@ -608,9 +637,20 @@ class ClientProtocol(asyncio.Protocol):
     def switched(
         self, cycle: Cycle, conn: UpstreamConn, client_rest: bytes, upstream_rest: bytes
     ) -> None:
-        self.tunnel_upstream = conn
+        # An idle tunnel holds only what it needs: the exchange arms no timer of its own from
+        # now on (the tunnel's go to ``worker.deadlines`` directly), so its two bound callables
+        # go, and the upstream connection drops its HTTP reader (the exchange its scanner).
+        self.arm = _no_exchange_timer
+        self.cancel_timer = _no_exchange_cancel
+        upstream: TunnelUpstream = conn
+        if isinstance(conn, UpstreamProtocol):
+            conn.tunnel()
+            # a plain TCP upstream goes on as a bare descriptor, without its uvloop transport
+            upstream = conn.detach() or conn
+        self.tunnel_upstream = upstream
         self.listener.ws_gauge.inc()
-        self.ws_start = time.monotonic()
+        # one float for both (an idle tunnel keeps it until its first active tick)
+        self.ws_start = self.last_ws_activity = time.monotonic()
         plan = cycle.plan
         limits = plan.limits
         self.tunnel_limits = limits
@@ -619,8 +659,7 @@ class ClientProtocol(asyncio.Protocol):
         else:
             self.tunnel_trackers = (FrameTracker(), FrameTracker())
         self._update_reading_tunnel()
-        self._arm_ws(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
-        self.last_ws_activity = time.monotonic()
+        self._arm_tunnel(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
         if upstream_rest:
             self._tunnel_from_upstream(upstream_rest)
         if client_rest and self.exchange.state is State.TUNNEL:
@@ -640,9 +679,19 @@ class ClientProtocol(asyncio.Protocol):
             self.crashed(exc)
 
     def _arm_ws(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
-        """Run ``callback(self)`` in ``delay`` seconds (tunnel timeouts)."""
+        """Run ``callback(self)`` in ``delay`` seconds (the shed connection's linger)."""
         self.ws_timer = callback
         self.worker.deadlines.arm(self, delay)
+
+    def _arm_tunnel(self, delay: float, callback: Callable[[ClientProtocol], None]) -> None:
+        """Run ``callback(self)`` in ``delay`` seconds rounded up to a multiple of ``WS_TICK_S``
+        (at most an eighth of ``delay``; tunnel timeouts): the tunnels of a worker share a
+        ``Deadlines`` bucket per multiple instead of holding one per 25 ms tick."""
+        self.ws_timer = callback
+        worker = self.worker
+        step = min(WS_TICK_S, delay / 8)
+        due = worker.loop.time() + delay
+        worker.deadlines.arm(self, delay + (-due % step) + _WS_TICK_MARGIN_S)
 
     def _cancel_ws_timer(self) -> None:
         if self.ws_timer is not None:
@@ -914,7 +963,7 @@ class ClientProtocol(asyncio.Protocol):
         elif not self.ws_closing and self.relay is not None and self.relay.closing:
             # bound the wait for the other side's Close (RFC 6455 7.1.1 leaves it to us)
             self.ws_closing = True
-            self._arm_ws(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
+            self._arm_tunnel(WS_CLOSE_TIMEOUT_S, ClientProtocol._on_ws_close_timeout)
 
     def _on_ws_close_timeout(self) -> None:
         self._end_tunnel()
@@ -940,7 +989,7 @@ class ClientProtocol(asyncio.Protocol):
             ping = self.relay.ping_client()
             if ping and self.transport is not None:
                 self.transport.write(ping)
-        self._arm_ws(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
+        self._arm_tunnel(limits.ws_ping_interval_s, ClientProtocol._on_ws_tick)
 
     def _end_tunnel(self) -> None:
         conn = self.tunnel_upstream
@@ -1007,6 +1056,15 @@ class ClientProtocol(asyncio.Protocol):
             self.close_websocket()
         else:
             self.exchange.abandon()
+
+
+def _no_exchange_timer(delay: float) -> None:
+    """``ClientProtocol.arm`` once the connection is a tunnel: the exchange arms nothing then."""
+    raise RuntimeError("an exchange armed a timer in a WebSocket tunnel")
+
+
+def _no_exchange_cancel() -> None:
+    """``ClientProtocol.cancel_timer`` once the connection is a tunnel: nothing to cancel."""
 
 
 _UPSTREAM_ERROR_TEXT = {

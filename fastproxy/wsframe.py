@@ -143,6 +143,30 @@ def _refused(
     return FrameError(code, reason)
 
 
+def whole_data_frame(data: bytes, mask_bit: int, limit: int) -> bool:
+    """Whether ``data`` is exactly one whole, unfragmented Text or Binary frame (7- or 16-bit
+    length) that passes every check, read at a frame boundary outside a fragmented message:
+    ``mask_bit`` is 0x80 for client frames (RFC 6455 5.1), 0 for server frames; ``limit`` is
+    the message size limit (0: none)."""
+    n = len(data)
+    if n <= 3:
+        return False
+    b0 = data[0]
+    b1 = data[1]
+    if (b0 != 0x82 and b0 != 0x81) or (b1 & 0x80) != mask_bit:
+        return False
+    short = 6 if mask_bit else 2
+    length = b1 & 0x7F
+    if length < 126:
+        whole = n - length == short
+    elif length == 126:
+        length = data[2] << 8 | data[3]
+        whole = n - length == short + 2
+    else:
+        return False
+    return whole and not length > limit > 0
+
+
 class FrameScanner:
     """One direction of a WebSocket: check headers, pass the bytes through.
 
@@ -160,14 +184,11 @@ class FrameScanner:
         "_mask_bit",
         "_message",
         "_rest",
-        "_short",
         "copied",
     )
 
     def __init__(self, *, masked: bool, max_message_bytes: int = 0, drop_pong: bytes = b"") -> None:
         self._mask_bit = 0x80 if masked else 0
-        # the size of a header with a 7-bit length
-        self._short = 6 if masked else 2
         self._limit = max_message_bytes
         self._drop_pong = drop_pong
         # payload bytes of the current data frame still to come; negative for a dropped frame
@@ -186,26 +207,19 @@ class FrameScanner:
         """Part of a data frame was forwarded but not all: nothing else may go that way now."""
         return self._rest > 0
 
+    @property
+    def at_rest(self) -> bool:
+        """At a frame boundary outside a fragmented message, holding nothing: the state of a
+        fresh scanner (``wsrelay`` drops a scanner at rest and makes a new one when needed)."""
+        return not self._rest and not self._held and not self._fragmented
+
     def whole_data_frame(self, data: bytes) -> bool:
         """Whether ``data`` is exactly one whole, unfragmented Text or Binary frame (7- or 16-bit
         length) that passes every check: the common read, forwarded as it is without ``feed``.
         """
-        n = len(data)
-        if n <= 3 or self._rest or self._held or self._fragmented:
+        if self._rest or self._held or self._fragmented:
             return False
-        b0 = data[0]
-        b1 = data[1]
-        if (b0 != 0x82 and b0 != 0x81) or (b1 & 0x80) != self._mask_bit:
-            return False
-        length = b1 & 0x7F
-        if length < 126:
-            whole = n - length == self._short
-        elif length == 126:
-            length = data[2] << 8 | data[3]
-            whole = n - length == self._short + 2
-        else:
-            return False
-        return whole and not length > self._limit > 0
+        return whole_data_frame(data, self._mask_bit, self._limit)
 
     def feed(self, data: bytes, forward: bool, out: list[bytes]) -> tuple[int, bytes] | None:
         """Scan ``data`` and append to ``out`` what is to be forwarded.

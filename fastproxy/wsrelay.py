@@ -7,7 +7,10 @@ Theory of operation
 ``expected_accept`` and ``upgrade_accepted`` decide whether the upstream's 101 really completes
 the client's handshake (RFC 6455 4.2.2); only then does the worker open a tunnel.
 
-In ``VALIDATE`` mode each direction has a ``wsframe.FrameScanner``: client frames must be masked
+In ``VALIDATE`` mode each direction has a ``wsframe.FrameScanner`` while something is under way
+in it (a payload still to come, a header or a control frame held back, a fragmented message); a
+read that is one whole data frame is checked by ``wsframe.whole_data_frame`` alone, and an idle
+tunnel holds no scanner at all (a scanner at rest is dropped). Client frames must be masked
 (RFC 6455 5.1), upstream frames must not be, and both must be well formed (5.2-5.5); a client's
 message may not exceed ``max_message_bytes``. The scanners check frame headers only and forward
 the bytes as received, as soon as they arrive: payloads are neither unmasked nor re-framed, and
@@ -45,6 +48,7 @@ from fastproxy.wsframe import (
     FrameScanner,
     close_frame,
     control_frame,
+    whole_data_frame,
 )
 
 __all__ = [
@@ -111,26 +115,43 @@ _DONE = 16  # finished (both closed, a protocol error, or going away)
 class WebSocketRelay:
     """Validate and relay frames between a client and an upstream (``VALIDATE`` mode)."""
 
-    __slots__ = ("_client", "_state", "_upstream")
+    __slots__ = ("_client", "_limit", "_state", "_upstream")
 
     def __init__(self, max_message_bytes: int) -> None:
+        self._limit = max_message_bytes
+        # Each direction's scanner exists only while it is inside something: a payload still to
+        # come, a header or a control frame held back, a fragmented message. A scanner at rest
+        # is in the state of a fresh one, so it is dropped, and an idle tunnel holds none.
         # frames from the client: masked, size limit, pongs to our keep-alive pings dropped
-        self._client = FrameScanner(
-            masked=True, max_message_bytes=max_message_bytes, drop_pong=KEEPALIVE_PING
-        )
+        self._client: FrameScanner | None = None
         # frames from the upstream
-        self._upstream = FrameScanner(masked=False)
+        self._upstream: FrameScanner | None = None
         self._state = 0
+
+    @property
+    def at_rest(self) -> bool:
+        """No frame is under way either way: the relay holds no scanner."""
+        return self._client is None and self._upstream is None
 
     def client_passes(self, data: bytes) -> bool:
         """``data`` from the client may be forwarded as it is, with nothing else to do: both
         sides are open and it is one whole, checked data frame (the common read). Otherwise
         ``from_client`` decides."""
-        return not self._state and self._client.whole_data_frame(data)
+        if self._state:
+            return False
+        scanner = self._client
+        if scanner is None:
+            return whole_data_frame(data, 0x80, self._limit)
+        return scanner.whole_data_frame(data)
 
     def upstream_passes(self, data: bytes) -> bool:
         """``client_passes`` for ``data`` from the upstream."""
-        return not self._state and self._upstream.whole_data_frame(data)
+        if self._state:
+            return False
+        scanner = self._upstream
+        if scanner is None:
+            return whole_data_frame(data, 0, 0)
+        return scanner.whole_data_frame(data)
 
     def from_client(self, data: bytes) -> RelayOutput:
         """Bytes read from the client."""
@@ -140,13 +161,20 @@ class WebSocketRelay:
             # nothing may follow the client's Close (RFC 6455 5.5.1)
             out.done = state >= _DONE
             return out
+        scanner = self._client
+        if scanner is None:
+            scanner = self._client = FrameScanner(
+                masked=True, max_message_bytes=self._limit, drop_pong=KEEPALIVE_PING
+            )
         try:
-            close = self._client.feed(
+            close = scanner.feed(
                 data, not state & (_UPSTREAM_CLOSED | _UPSTREAM_TOLD), out.to_upstream
             )
         except FrameError as error:
             self._fail_client(out, error.code, error.reason)
             return out
+        if scanner.at_rest:
+            self._client = None
         if close is not None:
             code, frame = close
             out.client_close_code = code
@@ -167,10 +195,11 @@ class WebSocketRelay:
         if state & (_UPSTREAM_CLOSED | _DONE):
             out.done = state >= _DONE
             return out
+        scanner = self._upstream
+        if scanner is None:
+            scanner = self._upstream = FrameScanner(masked=False)
         try:
-            close = self._upstream.feed(
-                data, not state & (_CLIENT_CLOSED | _CLIENT_TOLD), out.to_client
-            )
+            close = scanner.feed(data, not state & (_CLIENT_CLOSED | _CLIENT_TOLD), out.to_client)
         except FrameError:
             # the upstream broke the protocol: tell the client the server failed
             if not state & _CLIENT_TOLD:
@@ -178,6 +207,8 @@ class WebSocketRelay:
             self._state = state | _CLIENT_TOLD | _DONE
             out.done = True
             return out
+        if scanner.at_rest:
+            self._upstream = None
         if close is not None:
             _code, frame = close
             if not state & _CLIENT_TOLD:
@@ -193,7 +224,7 @@ class WebSocketRelay:
         # RFC 6455 7.1.7: _Fail the WebSocket Connection_, telling both sides why
         out.client_close_code = code
         state = self._state
-        if not state & _CLIENT_TOLD and not self._upstream.mid_frame:
+        if not state & _CLIENT_TOLD and not _mid_frame(self._upstream):
             out.to_client.append(close_frame(code, reason, masked=False))
         if not state & _UPSTREAM_TOLD:
             # the client's frames before the bad one all ended: no frame is open upstream
@@ -208,7 +239,7 @@ class WebSocketRelay:
 
     def ping_client(self) -> bytes:
         """A keep-alive ping for an idle client, or ``b""`` once closing or mid-frame."""
-        if self._state & (_CLIENT_CLOSED | _CLIENT_TOLD | _DONE) or self._upstream.mid_frame:
+        if self._state & (_CLIENT_CLOSED | _CLIENT_TOLD | _DONE) or _mid_frame(self._upstream):
             return b""
         return _KEEPALIVE_FRAME
 
@@ -216,10 +247,14 @@ class WebSocketRelay:
         """Close both sides with 1001 (shutdown, idle timeout)."""
         out = RelayOutput()
         state = self._state
-        if not state & (_CLIENT_TOLD | _DONE) and not self._upstream.mid_frame:
+        if not state & (_CLIENT_TOLD | _DONE) and not _mid_frame(self._upstream):
             out.to_client.append(close_frame(CLOSE_GOING_AWAY, masked=False))
-        if not state & (_UPSTREAM_TOLD | _DONE) and not self._client.mid_frame:
+        if not state & (_UPSTREAM_TOLD | _DONE) and not _mid_frame(self._client):
             out.to_upstream.append(close_frame(CLOSE_GOING_AWAY, masked=True))
         self._state = state | _CLIENT_TOLD | _UPSTREAM_TOLD | _DONE
         out.done = True
         return out
+
+
+def _mid_frame(scanner: FrameScanner | None) -> bool:
+    return scanner is not None and scanner.mid_frame
