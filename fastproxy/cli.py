@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -598,6 +599,9 @@ def cmd_demo(port_base: int | None, log_level: str) -> int:
     print(demo_guide(cfg, upstream), flush=True)
     pid = _fork_demo_upstream(upstream)
     try:
+        # the proxy starts once its upstream listens: a first request never meets a refused
+        # connect (a 502, and a passive mark that makes the next ones 503 until a check passes)
+        _wait_listening(upstream, pid)
         return _run_master(cfg)
     finally:
         _stop_child(pid)
@@ -624,6 +628,16 @@ def _fork_demo_upstream(address: Address) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _wait_listening(address: Address, pid: int) -> None:
+    deadline = time.monotonic() + DEMO_STOP_TIMEOUT_S
+    while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+        try:
+            socket.create_connection((address.host, address.port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.02)
 
 
 def _stop_child(pid: int) -> None:
