@@ -38,15 +38,16 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 class RecordingLeg(ServerLeg):
     """The h11 client leg, keeping the raw head it was given (framing is checked on it)."""
 
-    __slots__ = ("raw_head",)
+    __slots__ = ("max_head_bytes", "raw_head")
 
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
+        self.max_head_bytes = max_head_bytes
         self.raw_head = b""
 
     def feed_head(self, head: bytes) -> None:
         # the scanner never hands over a head over the limit
-        assert len(head) <= self._max_head_bytes, f"accepted a head of {len(head)} bytes"
+        assert len(head) <= self.max_head_bytes, f"accepted a head of {len(head)} bytes"
         self.raw_head = head
         super().feed_head(head)
 
