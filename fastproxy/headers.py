@@ -137,6 +137,11 @@ _HOST_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 _HOST_V6_BYTES = b"0123456789abcdefABCDEF:."
 # Visible ASCII, for request ids we keep.
 _VCHAR = bytes(range(0x21, 0x7F))
+#: Single bytes looked for in names and values, as ints: ``_NUL in value`` is a memchr, where
+#: ``b"\x00" in value`` first tries its operand as an index and builds (and drops) a TypeError,
+#: ten times the cost on CPython 3.11, once per header field.
+_NUL = 0
+_UNDERSCORE = ord("_")
 
 
 class RequestRefused(Exception):
@@ -223,10 +228,10 @@ def inspect_request(headers: list[tuple[bytes, bytes]]) -> RequestInfo:
     upgrade: list[bytes] = []
     folded_names = info.folded
     for name, value in headers:
-        if b"\x00" in value:
+        if _NUL in value:
             raise RequestRefused(400, "bad_request", "NUL in a header value")
         folded = name.lower()
-        if b"_" in folded:
+        if _UNDERSCORE in folded:
             folded = folded.replace(b"_", b"-")
         folded_names.append(folded)
         if folded not in _INSPECTED:
@@ -391,7 +396,7 @@ def upstream_headers(
     if not trusted or not any(fold(n) == b"x-forwarded-host" for n, _ in out):
         out.append((b"X-Forwarded-Host", info.host if info.host is not None else host))
     if forwarded:
-        node = b'"[%s]"' % client_ip if b":" in client_ip else client_ip
+        node = b'"[%s]"' % client_ip if client_ip.find(b":") >= 0 else client_ip
         prior_fwd.append(b"for=%s;proto=%s;host=%s" % (node, proto, b'"%s"' % host))
         out.append((b"Forwarded", b", ".join(prior_fwd)))
     out.append((b"X-Request-Id", request_id))
@@ -429,7 +434,7 @@ def response_headers(
     named: set[bytes] = set()
     for name, value in headers:
         folded = name.lower()
-        if b"_" in folded:
+        if _UNDERSCORE in folded:
             folded = folded.replace(b"_", b"-")
         if folded in RESPONSE_DROPPED:
             if folded == b"connection":

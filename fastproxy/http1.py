@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Final
 
 import h11
 from h11._readers import maybe_read_from_IDLE_client
@@ -64,6 +65,16 @@ class Ev(enum.Enum):
     END = "end"
     #: the upstream accepted a protocol switch (101); the leg is done with HTTP
     SWITCHED = "switched"
+
+
+# The members of this module's enums as module constants, the only way the code below reads
+# them: on CPython 3.11 a member read off its class goes through ``EnumType.__getattr__``'s slot
+# wrapper, about four times the cost of a module global, and the readers test their state on
+# every event (several dozen reads per proxied request).
+_EV_NEED_DATA: Final = Ev.NEED_DATA
+_EV_PAUSED: Final = Ev.PAUSED
+_EV_END: Final = Ev.END
+_EV_SWITCHED: Final = Ev.SWITCHED
 
 
 class UpstreamBroken(Exception):
@@ -237,7 +248,8 @@ class HeadScanner:
     def _check_head(self, head: bytes) -> None:
         self._check_line_ends(head)
         # RFC 9112 5.2: obs-fold is refused rather than unfolded.
-        if b"\r\n " in head or b"\r\n\t" in head:
+        # (bytes.find: ``in`` with a bytes operand costs several times as much on CPython 3.11)
+        if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
             raise RequestRefused(400, "bad_request", "obsolete line folding")
         # h11 merges identical Content-Length fields ("5" twice, or "5, 5") into one; SPEC 5
         # refuses both, so they are counted here, on the raw bytes.
@@ -246,7 +258,7 @@ class HeadScanner:
         if at >= 0:
             if lower.find(b"\ncontent-length:", at + 1) >= 0:
                 raise RequestRefused(400, "bad_request", "more than one Content-Length")
-            if b"," in head[at : head.find(b"\r\n", at + 1)]:
+            if head.find(b",", at, head.find(b"\r\n", at + 1)) >= 0:
                 raise RequestRefused(400, "bad_request", "a list in Content-Length")
         if head.count(b"\r\n") - 2 > self.max_headers:
             raise RequestRefused(431, "headers_too_large", "too many header fields")
@@ -284,6 +296,12 @@ class _Req(enum.Enum):
     DONE = "done"  #: the request is complete
 
 
+_REQ_HEAD: Final = _Req.HEAD
+_REQ_LENGTH: Final = _Req.LENGTH
+_REQ_CHUNKED: Final = _Req.CHUNKED
+_REQ_DONE: Final = _Req.DONE
+
+
 #: a chunk-size line longer than this is refused (as h11 bounds it), on both legs
 MAX_CHUNK_LINE_BYTES = 1024
 #: chunks whose data one body event joins at most: a read full of tiny chunks is handed over
@@ -298,6 +316,12 @@ class _Body(enum.Enum):
     LENGTH = "length"  #: Content-Length, bytes passed through
     CHUNKED = "chunked"  #: re-framed as chunks (HTTP/1.1 clients)
     CLOSE = "close"  #: delimited by closing the connection (HTTP/1.0 clients)
+
+
+_BODY_NONE: Final = _Body.NONE
+_BODY_LENGTH: Final = _Body.LENGTH
+_BODY_CHUNKED: Final = _Body.CHUNKED
+_BODY_CLOSE: Final = _Body.CLOSE
 
 
 #: RFC 9110 15: the reason phrases of the statuses fastproxy writes itself (local answers, the
@@ -397,7 +421,7 @@ class ClientLeg:
         self._client_close = True
         # the request side: the parsed head until returned, then the body reader's state
         self._head: RequestHead | None = None
-        self._req = _Req.HEAD
+        self._req = _REQ_HEAD
         self._body_left = 0
         self._chunks: ChunkedReader | None = None
         # unread request bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
@@ -416,29 +440,38 @@ class ClientLeg:
         raise NotImplementedError
 
     def _begin_body(self, head: RequestHead) -> None:
-        """Keep the parsed head for ``next_event`` and choose how its body is read.
+        """Keep the parsed head for ``next_event``, choose how its body is read and whether the
+        connection may stay open after the response.
 
         Framing by the rules of ``headers.inspect_request``, which refuses every ambiguous
         combination before any body byte is forwarded: ``chunked``, or Content-Length, or none.
         """
         self._head = head
-        self._saw_head(head.method, head.http_version, head.headers)
+        self._head_request = head.method == b"HEAD"
+        # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
+        close = head.http_version == b"1.0"
         chunked = False
         length = 0
+        # one pass, lower-casing only the names as long as the three looked for
         for name, value in head.headers:
-            if len(name) != 17 and len(name) != 14:
+            size = len(name)
+            if size != 17 and size != 14 and size != 10:
                 continue
             lower = name.lower()
             if lower == b"transfer-encoding":
                 chunked = True
-            elif lower == b"content-length" and value.isdigit() and len(value) <= 18:
-                length = int(value)
+            elif lower == b"content-length":
+                if value.isdigit() and len(value) <= 18:
+                    length = int(value)
+            elif lower == b"connection" and value.lower().find(b"close") >= 0:
+                close = True
+        self._client_close = close
         if chunked:
-            self._req = _Req.CHUNKED
+            self._req = _REQ_CHUNKED
             self._chunks = ChunkedReader(_bad_request_chunk)
         else:
             self._body_left = length
-            self._req = _Req.LENGTH
+            self._req = _REQ_LENGTH
 
     def feed(self, data: bytes) -> None:
         """Bytes after the head: body, or the following requests."""
@@ -461,14 +494,14 @@ class ClientLeg:
             head, self._head = self._head, None
             return head
         state = self._req
-        if state is _Req.LENGTH:
+        if state is _REQ_LENGTH:
             remaining = self._body_left
             if not remaining:
-                self._req = _Req.DONE
-                return Ev.END
+                self._req = _REQ_DONE
+                return _EV_END
             buf = self._buf
             if not buf:
-                return Ev.NEED_DATA
+                return _EV_NEED_DATA
             pos = self._pos
             size = len(buf) - pos
             if size <= remaining:
@@ -479,10 +512,10 @@ class ClientLeg:
             self._pos = pos + remaining
             self._body_left = 0
             return _slice(buf, pos, pos + remaining)
-        if state is _Req.DONE:
-            return Ev.PAUSED
-        if state is _Req.HEAD:
-            return Ev.NEED_DATA  # no head fed yet
+        if state is _REQ_DONE:
+            return _EV_PAUSED
+        if state is _REQ_HEAD:
+            return _EV_NEED_DATA  # no head fed yet
         return self._read_chunked()
 
     def _read_chunked(self) -> bytes | Ev:
@@ -500,17 +533,17 @@ class ClientLeg:
         if spans:
             if ended:
                 self._body_left = 0
-                self._req = _Req.LENGTH  # nothing left: the next event is END
+                self._req = _REQ_LENGTH  # nothing left: the next event is END
             return _join(buf, spans)
         if ended:
-            self._req = _Req.DONE
-            return Ev.END
-        return Ev.NEED_DATA
+            self._req = _REQ_DONE
+            return _EV_END
+        return _EV_NEED_DATA
 
     @property
     def request_ended(self) -> bool:
         """The request (head and body) has been read completely."""
-        return self._req is _Req.DONE
+        return self._req is _REQ_DONE
 
     @property
     def trailing(self) -> bytes:
@@ -519,17 +552,6 @@ class ClientLeg:
         if not buf:
             return b""
         return buf if not self._pos and type(buf) is bytes else _slice(buf, self._pos, len(buf))
-
-    def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._head_request = method == b"HEAD"
-        # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
-        close = version == b"1.0"
-        if not close:
-            for name, value in headers:
-                if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
-                    close = True
-                    break
-        self._client_close = close
 
     # -- response side
 
@@ -572,20 +594,20 @@ class ClientLeg:
             parts.append(b"\r\n")
             return b"\r\n".join(parts)
         if self._head_request or status in (204, 304):
-            body = _Body.NONE
+            body = _BODY_NONE
             if length is not None and status != 204:
                 parts.append(b"Content-Length: %d" % length)
         elif length is not None:
-            body = _Body.LENGTH
+            body = _BODY_LENGTH
             self._remaining = length
             parts.append(b"Content-Length: %d" % length)
         elif not self._client_close:
-            body = _Body.CHUNKED
+            body = _BODY_CHUNKED
             parts.append(b"Transfer-Encoding: chunked")
         else:
-            body = _Body.CLOSE
+            body = _BODY_CLOSE
         self._body = body
-        if close or body is _Body.CLOSE:
+        if close or body is _BODY_CLOSE:
             self._client_close = True
         if self._client_close:
             parts.append(b"Connection: close")
@@ -594,22 +616,22 @@ class ClientLeg:
 
     def body(self, data: bytes) -> list[bytes]:
         body = self._body
-        if body is _Body.LENGTH:
+        if body is _BODY_LENGTH:
             self._remaining -= len(data)
             if self._remaining < 0:
                 raise UpstreamBroken("more body than the relayed Content-Length")
             return [data]
-        if body is _Body.CHUNKED:
+        if body is _BODY_CHUNKED:
             return chunk(data)
-        if body is _Body.CLOSE:
+        if body is _BODY_CLOSE:
             return [data]
         raise UpstreamBroken("a body where the response has none")
 
     def end(self) -> bytes:
         self._sent_end = True
-        if self._body is _Body.CHUNKED:
+        if self._body is _BODY_CHUNKED:
             return LAST_CHUNK
-        if self._body is _Body.LENGTH and self._remaining:
+        if self._body is _BODY_LENGTH and self._remaining:
             raise UpstreamBroken("less body than the relayed Content-Length")
         return b""
 
@@ -711,6 +733,9 @@ class ResponseHead:
 
 
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: "_" as an int: ``_UNDERSCORE in name`` is a memchr (``b"_" in name`` tries its operand as an
+#: index first, and builds and drops a TypeError: ten times the cost on CPython 3.11)
+_UNDERSCORE = ord("_")
 _HEX = b"0123456789abcdefABCDEF"
 _DIGITS = b"0123456789"
 #: control characters but HTAB (CR and LF included): RFC 9110 5.5 allows none in a field value,
@@ -776,6 +801,12 @@ class _Chunk(enum.Enum):
     TRAILERS = "trailers"  #: the trailer section after the last chunk, up to its empty line
 
 
+_CHUNK_SIZE: Final = _Chunk.SIZE
+_CHUNK_DATA: Final = _Chunk.DATA
+_CHUNK_CRLF: Final = _Chunk.CRLF
+_CHUNK_TRAILERS: Final = _Chunk.TRAILERS
+
+
 class ChunkedReader:
     """The one chunked-body reader (RFC 9112 7.1), for requests and responses alike.
 
@@ -794,7 +825,7 @@ class ChunkedReader:
     def __init__(self, error: Callable[[str], Exception], trailer_bytes: int = 0) -> None:
         self._error = error
         self._trailer_bytes = trailer_bytes
-        self._state = _Chunk.SIZE
+        self._state = _CHUNK_SIZE
         #: bytes of the current chunk's data still to come
         self._left = 0
         self._trailer_left = 0
@@ -810,7 +841,7 @@ class ChunkedReader:
         budget = MAX_CHUNKS_PER_EVENT
         try:
             while pos < end:
-                if state is _Chunk.DATA:
+                if state is _CHUNK_DATA:
                     left = self._left
                     if end - pos < left:
                         spans += (pos, end)
@@ -820,15 +851,15 @@ class ChunkedReader:
                     spans += (pos, pos + left)
                     pos += left
                     self._left = 0
-                    state = _Chunk.CRLF
-                elif state is _Chunk.CRLF:
+                    state = _CHUNK_CRLF
+                elif state is _CHUNK_CRLF:
                     if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
                         raise error("chunk data longer than its size")
                     if end - pos < 2:
                         break
                     pos += 2
-                    state = _Chunk.SIZE
-                elif state is _Chunk.SIZE:
+                    state = _CHUNK_SIZE
+                elif state is _CHUNK_SIZE:
                     if not budget:
                         capped = True
                         break  # enough chunks for one event; the rest on the next call
@@ -845,10 +876,10 @@ class ChunkedReader:
                     if size:
                         self._left = size
                         budget -= 1
-                        state = _Chunk.DATA
+                        state = _CHUNK_DATA
                     else:
                         self._trailer_left = self._trailer_bytes
-                        state = _Chunk.TRAILERS
+                        state = _CHUNK_TRAILERS
                 else:
                     # the trailer section, then its empty line (RFC 9112 7.1.2)
                     left = self._trailer_left
@@ -886,6 +917,15 @@ class _Up(enum.Enum):
     CLOSE = "close"  #: a body delimited by the connection closing
     DONE = "done"  #: the response is complete
     SWITCHED = "switched"  #: a 101 was received; the bytes after it are another protocol
+
+
+_UP_IDLE: Final = _Up.IDLE
+_UP_HEAD: Final = _Up.HEAD
+_UP_LENGTH: Final = _Up.LENGTH
+_UP_CHUNKED: Final = _Up.CHUNKED
+_UP_CLOSE: Final = _Up.CLOSE
+_UP_DONE: Final = _Up.DONE
+_UP_SWITCHED: Final = _Up.SWITCHED
 
 
 class UpstreamLeg:
@@ -932,7 +972,7 @@ class UpstreamLeg:
         self._pos = 0
         # bytes after ``_pos`` already searched for the end of the head (less 3)
         self._scanned = 0
-        self._state = _Up.IDLE
+        self._state = _UP_IDLE
         self._eof = False
         self._method = b""
         self._remaining = 0
@@ -951,17 +991,23 @@ class UpstreamLeg:
 
     # -- request side
 
-    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        """The request head. Names and values were checked by the request parser or are ours."""
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        chunked: bool = False,
+    ) -> bytes:
+        """The request head. Names and values were checked by the request parser or are ours;
+        ``chunked``: ``headers`` say ``Transfer-Encoding: chunked`` (the body is framed so)."""
         self._method = method
-        self._state = _Up.HEAD
+        self._state = _UP_HEAD
         self._req_done = False
-        self._req_chunked = False
+        self._req_chunked = chunked
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-            if len(name) == 17 and name.lower() == b"transfer-encoding":
-                self._req_chunked = True
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -978,7 +1024,7 @@ class UpstreamLeg:
 
     def feed(self, data: bytes) -> None:
         self.received_any = True
-        if self._state is _Up.DONE:
+        if self._state is _UP_DONE:
             self.overrun = True
         buf = self._buf
         if not buf:
@@ -993,16 +1039,16 @@ class UpstreamLeg:
     def next_event(self) -> ResponseHead | bytes | Ev:
         """The next response event; raise ``UpstreamBroken`` on a protocol violation."""
         state = self._state
-        if state is _Up.LENGTH:
+        if state is _UP_LENGTH:
             remaining = self._remaining
             if not remaining:
-                self._state = _Up.DONE
-                return Ev.END
+                self._state = _UP_DONE
+                return _EV_END
             buf = self._buf
             if not buf:
                 if self._eof:
                     raise UpstreamBroken("upstream closed in the middle of the body")
-                return Ev.NEED_DATA
+                return _EV_NEED_DATA
             pos = self._pos
             size = len(buf) - pos
             if size <= remaining:
@@ -1017,11 +1063,11 @@ class UpstreamLeg:
             self._pos = pos + remaining
             self._remaining = 0
             return _slice(buf, pos, pos + remaining)
-        if state is _Up.HEAD:
+        if state is _UP_HEAD:
             return self._read_head()
-        if state is _Up.CHUNKED:
+        if state is _UP_CHUNKED:
             return self._read_chunked()
-        if state is _Up.CLOSE:
+        if state is _UP_CLOSE:
             buf = self._buf
             if buf:
                 pos = self._pos
@@ -1029,13 +1075,13 @@ class UpstreamLeg:
                 self._pos = 0
                 return _slice(buf, pos, len(buf))
             if self._eof:
-                self._state = _Up.DONE
-                return Ev.END
-            return Ev.NEED_DATA
-        if state is _Up.SWITCHED:
-            return Ev.SWITCHED
-        if state is _Up.DONE:
-            return Ev.PAUSED
+                self._state = _UP_DONE
+                return _EV_END
+            return _EV_NEED_DATA
+        if state is _UP_SWITCHED:
+            return _EV_SWITCHED
+        if state is _UP_DONE:
+            return _EV_PAUSED
         raise UpstreamBroken("response bytes before any request")  # IDLE
 
     def _read_head(self) -> ResponseHead | Ev:
@@ -1051,7 +1097,7 @@ class UpstreamLeg:
             # resume there: a head dripped in small reads is searched once, not once per read
             if unread > 3:
                 self._scanned = unread - 3
-            return Ev.NEED_DATA
+            return _EV_NEED_DATA
         if end + 4 - pos > MAX_RESPONSE_HEAD_BYTES:
             raise UpstreamBroken("response head too large")
         head = buf[pos:end] if type(buf) is bytes else _slice(buf, pos, end)
@@ -1093,7 +1139,7 @@ class UpstreamLeg:
                 relayed.append(line)
                 continue
             lower = name.lower()
-            if b"_" in lower:
+            if _UNDERSCORE in lower:
                 lower = lower.replace(b"_", b"-")
                 if lower == b"content-length" or lower == b"transfer-encoding":
                     # a CGI-style reader (HTTP_CONTENT_LENGTH) takes it for the real one
@@ -1129,7 +1175,7 @@ class UpstreamLeg:
         self.declared_length = None if length is None else size
         if status < 200:
             if status == 101:
-                self._state = _Up.SWITCHED
+                self._state = _UP_SWITCHED
             return ResponseHead(status, reason, lines, relayed)
         self._close = close
         # RFC 9112 6.3: the order of these rules matters
@@ -1138,17 +1184,17 @@ class UpstreamLeg:
                 # a body after a response that has none: a second response, or a split one
                 raise UpstreamBroken("bytes after a response without a body")
             self._remaining = 0  # no body: the next event is END
-            self._state = _Up.LENGTH
+            self._state = _UP_LENGTH
         elif coding is not None:
-            self._state = _Up.CHUNKED
+            self._state = _UP_CHUNKED
             self._chunks = ChunkedReader(UpstreamBroken, MAX_RESPONSE_TRAILER_BYTES)
         elif size >= 0:
             if unread > size:
                 raise UpstreamBroken("bytes after the Content-Length body")
             self._remaining = size
-            self._state = _Up.LENGTH
+            self._state = _UP_LENGTH
         else:
-            self._state = _Up.CLOSE
+            self._state = _UP_CLOSE
             self._close = True
         return ResponseHead(status, reason, lines, relayed)
 
@@ -1194,22 +1240,22 @@ class UpstreamLeg:
         if spans:
             if ended:
                 self._remaining = 0
-                self._state = _Up.LENGTH  # nothing left: the next event is END
+                self._state = _UP_LENGTH  # nothing left: the next event is END
             return _join(buf, spans)
         if ended:
-            self._state = _Up.DONE
-            return Ev.END
+            self._state = _UP_DONE
+            return _EV_END
         if self._eof:
             raise UpstreamBroken("upstream closed in the middle of the chunked body")
-        return Ev.NEED_DATA
+        return _EV_NEED_DATA
 
     @property
     def reusable(self) -> bool:
         """The exchange is complete on both sides and the upstream keeps the connection."""
-        return self._state is _Up.DONE and self._req_done and not self._close and not self._eof
+        return self._state is _UP_DONE and self._req_done and not self._close and not self._eof
 
     def start_next_cycle(self) -> None:
-        self._state = _Up.IDLE
+        self._state = _UP_IDLE
         self._method = b""
         self._scanned = 0
         self.declared_length = None
@@ -1218,7 +1264,7 @@ class UpstreamLeg:
 
     @property
     def idle(self) -> bool:
-        return self._state is _Up.IDLE
+        return self._state is _UP_IDLE
 
     @property
     def trailing(self) -> bytes:
