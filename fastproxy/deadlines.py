@@ -69,7 +69,13 @@ class Deadlines:
             return
         buckets = self._buckets
         if old:
-            self._leave(old, owner)
+            # (_leave, inline: arming replaces the deadline armed before, twice per request)
+            left = buckets.get(old)
+            if left:
+                assert isinstance(left, set)
+                left.discard(owner)
+                if not left:
+                    buckets[old] = _EMPTIED
         bucket = buckets.get(tick)
         if bucket is None:
             new: set[Owner] = set()
