@@ -360,12 +360,14 @@ def upstream_headers(
     folded_names = info.folded
     if len(folded_names) != len(headers):  # an info made from other headers (tests)
         folded_names = [fold(name) for name, _ in headers]
-    for (name, value), folded in zip(headers, folded_names, strict=True):
+    # a field that passes is the received pair itself (no new tuple per field)
+    for pair, folded in zip(headers, folded_names, strict=True):
         if folded in HOP_BY_HOP or folded == b"host" or folded in named:
             continue
         if folded in _PLAIN_NAMES:
             pass
         elif folded in PROVENANCE_NAMES or folded.startswith(PROVENANCE_PREFIXES):
+            value = pair[1]
             if folded in FORWARDING_HEADERS:
                 if trusted:
                     if folded == b"x-forwarded-for":
@@ -373,15 +375,15 @@ def upstream_headers(
                     elif folded == b"forwarded":
                         prior_fwd.append(value)
                     elif folded != b"x-request-id":  # re-added below, once
-                        out.append((name, value))
+                        out.append(pair)
             elif trusted or folded in keep:
-                out.append((name, value))
+                out.append(pair)
             continue
         elif len(_PLAIN_NAMES) < _PLAIN_NAMES_MAX:
             _PLAIN_NAMES.add(folded)
         if websocket and folded == b"sec-websocket-extensions":
             continue  # no compression in the tunnel: frames stay checkable
-        out.append((name, value))
+        out.append(pair)
     if info.content_length is not None:
         out.append((b"Content-Length", b"%d" % info.content_length))
     elif info.chunked:
