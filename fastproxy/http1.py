@@ -413,7 +413,10 @@ class ClientLeg:
         "copied",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_head_bytes: int = 0) -> None:
+        # ``max_head_bytes`` (the ``WorkerView.leg_class`` signature) is HeadScanner's to
+        # enforce: a head given to a leg is whole. Taken here, so that a parser's leg needs no
+        # ``__init__`` of its own (one frame and a ``super()`` less per request).
         self._body: _Body | None = None  # None until a final response head is written
         #: the last body event stopped at ``MAX_CHUNKS_PER_EVENT``: more is ready without a read
         self.capped = False
@@ -687,10 +690,6 @@ class ServerLeg(ClientLeg):
     """
 
     __slots__ = ()
-
-    def __init__(self, max_head_bytes: int) -> None:
-        # ``max_head_bytes`` is HeadScanner's to enforce: the head given here is whole
-        super().__init__()
 
     def feed_head(self, head: bytes) -> None:
         # h11's own request reader, without an ``h11.Connection`` around it: the connection's

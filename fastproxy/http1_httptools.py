@@ -47,9 +47,6 @@ class HttptoolsLeg(ClientLeg):
 
     __slots__ = ()
 
-    def __init__(self, max_head_bytes: int) -> None:
-        super().__init__()
-
     def feed_head(self, head: bytes) -> None:
         # The target is taken from the request line as it is (HeadScanner guarantees exactly two
         # single spaces in it) and judged by the policy, as with h11; llhttp parses the rest of
