@@ -47,10 +47,12 @@ class Owner(Protocol):
 class Deadlines:
     """Buckets of owners by due tick, served by one loop timer."""
 
-    __slots__ = ("_buckets", "_handle", "_heap", "_loop", "_scheduled")
+    __slots__ = ("_buckets", "_handle", "_heap", "_loop", "_scheduled", "_time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        #: the loop's clock, bound once (read on every arm)
+        self._time = loop.time
         self._buckets: dict[int, set[Owner] | frozenset[Owner]] = {}
         self._heap: list[int] = []
         #: the tick the loop timer is set for (0: none)
@@ -63,13 +65,19 @@ class Deadlines:
 
     def arm(self, owner: Owner, delay: float) -> None:
         """Call ``owner.on_deadline()`` ``delay`` seconds from now (replacing its deadline)."""
-        tick = math.ceil((self._loop.time() + delay) / RESOLUTION_S)
+        tick = math.ceil((self._time() + delay) / RESOLUTION_S)
         old = owner.deadline_tick
         if old == tick:
             return
         buckets = self._buckets
         if old:
-            self._leave(old, owner)
+            # (_leave, inline: arming replaces the deadline armed before, twice per request)
+            left = buckets.get(old)
+            if left:
+                assert isinstance(left, set)
+                left.discard(owner)
+                if not left:
+                    buckets[old] = _EMPTIED
         bucket = buckets.get(tick)
         if bucket is None:
             new: set[Owner] = set()

@@ -55,7 +55,7 @@ import enum
 import ipaddress
 import json
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from fastproxy.config import UpstreamConfig
 from fastproxy.errors import NoHealthyUpstream
@@ -83,6 +83,17 @@ from fastproxy.http1 import (
 from fastproxy.policy import Action, Decision, Refusal
 from fastproxy.runtime import ListenerPlan
 from fastproxy.wsrelay import upgrade_accepted
+
+# Enum members as module constants (``_STATE_HEAD`` for ``State.HEAD``...), the only way this
+# module reads them: on CPython 3.11 a member read off its class goes through
+# ``EnumType.__getattr__``'s slot wrapper, about four times the cost of a module global, and an
+# exchange tests its state and events a few dozen times per request.
+_EV_END: Final = Ev.END
+_EV_PAUSED: Final = Ev.PAUSED
+_ACTION_WEBSOCKET: Final = Action.WEBSOCKET
+_ACTION_REDIRECT_HTTPS: Final = Action.REDIRECT_HTTPS
+_ACTION_DENY: Final = Action.DENY
+_ACTION_REWRITE: Final = Action.REWRITE
 
 #: methods whose body some backends ignore, reading it as the next request ("CL.0")
 BODILESS_METHODS = frozenset({b"GET", b"HEAD"})
@@ -118,7 +129,21 @@ class Verdict(enum.Enum):
     ERROR = "error"
 
 
-DENY = Verdict.DENY
+#: a verdict's label, read once per request (metrics): a dictionary lookup, where the enum's
+#: ``value`` property costs ten times as much (an enum with its own ``__init__`` would hold it as
+#: an attribute, but mypyc compiles no such enum)
+VERDICT_LABEL: Final[dict[Verdict, str]] = {v: v.value for v in Verdict}
+
+
+_VERDICT_FORWARD: Final = Verdict.FORWARD
+_VERDICT_REWRITE: Final = Verdict.REWRITE
+_VERDICT_WEBSOCKET: Final = Verdict.WEBSOCKET
+_VERDICT_DENY: Final = Verdict.DENY
+_VERDICT_WOULD_DENY: Final = Verdict.WOULD_DENY
+_VERDICT_REJECT: Final = Verdict.REJECT
+_VERDICT_LOCAL: Final = Verdict.LOCAL
+_VERDICT_REDIRECT: Final = Verdict.REDIRECT
+_VERDICT_ERROR: Final = Verdict.ERROR
 
 
 class Admission:
@@ -213,7 +238,7 @@ def admit(
     if refusal is not None:
         if refusal is Refusal.ASTERISK_FORM and method == b"OPTIONS":
             return Admission(
-                Verdict.LOCAL, request_id, info, decision, status=204, close=info.has_body
+                _VERDICT_LOCAL, request_id, info, decision, status=204, close=info.has_body
             )
         return _refuse(request_id, info, decision, 400, refusal.value, close=True)
     if decision.authority is not None and (
@@ -226,25 +251,37 @@ def admit(
     if info.upgrade:
         if info.upgrade != (b"websocket",):
             return _refuse(request_id, info, decision, 400, "unsupported_upgrade", close=True)
-        if action is not Action.WEBSOCKET:
+        if action is not _ACTION_WEBSOCKET:
             # closed: a client that asked to leave HTTP may already send the other protocol
             return _refuse(
-                request_id, info, decision, 403, "upgrade_forbidden", close=True, verdict=DENY
+                request_id,
+                info,
+                decision,
+                403,
+                "upgrade_forbidden",
+                close=True,
+                verdict=_VERDICT_DENY,
             )
         try:
             check_websocket_handshake(method, head.http_version, info)
         except RequestRefused as refused:
             return _refuse(request_id, info, decision, refused.status, refused.code, close=True)
         websocket = True
-    if action is Action.REDIRECT_HTTPS:
+    if action is _ACTION_REDIRECT_HTTPS:
         return _redirect_https(request_id, info, decision)
-    if action is Action.DENY:
+    if action is _ACTION_DENY:
         if not plan.report:
             return _refuse(
-                request_id, info, decision, 403, "forbidden", close=info.has_body, verdict=DENY
+                request_id,
+                info,
+                decision,
+                403,
+                "forbidden",
+                close=info.has_body,
+                verdict=_VERDICT_DENY,
             )
-        verdict = Verdict.WOULD_DENY
-    elif action is Action.REWRITE:
+        verdict = _VERDICT_WOULD_DENY
+    elif action is _ACTION_REWRITE:
         if method not in REWRITE_METHODS:
             # a rewrite serves one fixed document (the SPA's index): only reads make sense, as
             # a static file server answers 405 to a POST
@@ -257,9 +294,9 @@ def admit(
                 close=True,
                 field=REWRITE_ALLOW,
             )
-        verdict = Verdict.REWRITE
+        verdict = _VERDICT_REWRITE
     else:
-        verdict = Verdict.WEBSOCKET if action is Action.WEBSOCKET else Verdict.FORWARD
+        verdict = _VERDICT_WEBSOCKET if action is _ACTION_WEBSOCKET else _VERDICT_FORWARD
     if info.content_length is not None and info.content_length > rule.max_body_bytes:
         return _refuse(request_id, info, decision, 413, "body_too_large", close=True)
     upstream = rule.upstream or plan.upstream
@@ -297,7 +334,7 @@ def _redirect_https(request_id: bytes, info: RequestInfo, decision: Decision) ->
     if port != 443:
         location += b":%d" % port
     return Admission(
-        Verdict.REDIRECT,
+        _VERDICT_REDIRECT,
         request_id,
         info,
         decision,
@@ -317,7 +354,7 @@ def _refuse(
     *,
     close: bool,
     field: bytes = b"",
-    verdict: Verdict = Verdict.REJECT,
+    verdict: Verdict = _VERDICT_REJECT,
 ) -> Admission:
     return Admission(
         verdict,
@@ -335,7 +372,7 @@ def _refuse(
 # The exchange of one client connection
 
 #: a forwarded request that fastproxy ends up answering itself (502, 504...) is an error
-_FAILED_IF_ANSWERED_HERE = frozenset({Verdict.FORWARD, Verdict.REWRITE, Verdict.WEBSOCKET})
+_FAILED_IF_ANSWERED_HERE = frozenset({_VERDICT_FORWARD, _VERDICT_REWRITE, _VERDICT_WEBSOCKET})
 #: requests that may be sent again when a pooled connection turns out to be closed
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
@@ -365,6 +402,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_STATE_HEAD: Final = State.HEAD
+_STATE_UPSTREAM: Final = State.UPSTREAM
+_STATE_FORWARD: Final = State.FORWARD
+_STATE_TUNNEL: Final = State.TUNNEL
+_STATE_CLOSED: Final = State.CLOSED
+
+
 class Timer(enum.Enum):
     """The one timeout an exchange has armed at a time."""
 
@@ -376,6 +420,12 @@ class Timer(enum.Enum):
     BODY = "body"
     #: a response body is being relayed
     UPSTREAM_READ = "upstream_read"
+
+
+_TIMER_HEAD: Final = Timer.HEAD
+_TIMER_FIRST_BYTE: Final = Timer.FIRST_BYTE
+_TIMER_BODY: Final = Timer.BODY
+_TIMER_UPSTREAM_READ: Final = Timer.UPSTREAM_READ
 
 
 class UpstreamConn(Protocol):
@@ -538,7 +588,7 @@ class Cycle:
         self.info: RequestInfo | None = None
         self.decision: Decision | None = None
         self.request_id = b""
-        self.verdict = Verdict.REJECT
+        self.verdict = _VERDICT_REJECT
         self.status = 0
         self.upstream: UpstreamConn | None = None
         #: the spec of the pool the first connection came from (its timeouts)
@@ -599,7 +649,7 @@ class Exchange:
         self.worker = worker
         self.listener = listener
         self.scanner = HeadScanner(limits.max_head_bytes, limits.max_headers, limits.max_uri_bytes)
-        self.state = State.HEAD
+        self.state = _STATE_HEAD
         self.cycle: Cycle | None = None
         #: the client's address, as bytes
         self.peer = b""
@@ -624,7 +674,7 @@ class Exchange:
     @property
     def idle(self) -> bool:
         """Between requests with nothing of the next one read."""
-        return self.state is State.HEAD and not len(self.scanner)
+        return self.state is _STATE_HEAD and not len(self.scanner)
 
     # ---------------------------------------------------------------- client events
 
@@ -634,24 +684,24 @@ class Exchange:
         plan = self.listener.plan
         self.trusted = peer_trusted(peer, plan)
         self.trust_plan = plan
-        self._arm(plan.limits.header_timeout_s, Timer.HEAD)
+        self._arm(plan.limits.header_timeout_s, _TIMER_HEAD)
 
     def client_data(self, data: bytes, now: float) -> None:
         state = self.state
-        if state is State.HEAD:
+        if state is _STATE_HEAD:
             scanner = self.scanner
             first = len(scanner) == 0 and self.cycle is None
             scanner.feed(data)
             self._process(now)
-            if first and self.state is State.HEAD and self.cycle is None and len(scanner):
+            if first and self.state is _STATE_HEAD and self.cycle is None and len(scanner):
                 # the first bytes of a head, not yet all of it: the header timeout replaces the
                 # keep-alive one (a head that arrived whole needs no timer of its own)
-                self._arm(self.listener.plan.limits.header_timeout_s, Timer.HEAD)
-        elif state is State.FORWARD or state is State.UPSTREAM:
+                self._arm(self.listener.plan.limits.header_timeout_s, _TIMER_HEAD)
+        elif state is _STATE_FORWARD or state is _STATE_UPSTREAM:
             cycle = self.cycle
             assert cycle is not None
             cycle.leg.feed(data)
-            if state is State.FORWARD:
+            if state is _STATE_FORWARD:
                 self._pump_request(now)
             self._update_reading()
 
@@ -660,7 +710,7 @@ class Exchange:
         state = self.state
         cycle = self.cycle
         if (
-            (state is State.FORWARD or state is State.UPSTREAM)
+            (state is _STATE_FORWARD or state is _STATE_UPSTREAM)
             and cycle is not None
             and cycle.request_done
         ):
@@ -673,8 +723,8 @@ class Exchange:
     def client_lost(self) -> None:
         """The client connection is gone."""
         self._cancel_timer()
-        connecting = self.state is State.UPSTREAM
-        self.state = State.CLOSED
+        connecting = self.state is _STATE_UPSTREAM
+        self.state = _STATE_CLOSED
         cycle = self.cycle
         if cycle is not None and cycle.upstream is not None:
             self._drop_upstream(cycle)
@@ -697,7 +747,7 @@ class Exchange:
         cycle = self.cycle
         if cycle is not None and cycle.upstream is not None:
             cycle.upstream.resume_reading()
-        if self.state is State.HEAD:
+        if self.state is _STATE_HEAD:
             # local replies were held back while the client did not read them
             self._update_reading()
             self.io.soon(self._process)
@@ -705,14 +755,14 @@ class Exchange:
     def close(self, *, abort: bool = False) -> None:
         """End the connection (a reset when ``abort``)."""
         self._cancel_timer()
-        self.state = State.CLOSED
+        self.state = _STATE_CLOSED
         self.io.close_client(abort)
 
     def abandon(self) -> None:
         """Shutdown, at the deadline: answer a request that has no response yet (503), and
         reset what is still busy. (A tunnel is the adapter's.)"""
         cycle = self.cycle
-        if self.state is State.CLOSED:
+        if self.state is _STATE_CLOSED:
             return
         if cycle is not None and not cycle.leg.response_started:
             self._local_reply(cycle, 503, "shutting_down", close=True)
@@ -736,18 +786,18 @@ class Exchange:
         if kind is None:
             return
         self.timer = None
-        if kind is Timer.HEAD:
+        if kind is _TIMER_HEAD:
             self._on_head_timeout()
-        elif kind is Timer.FIRST_BYTE:
+        elif kind is _TIMER_FIRST_BYTE:
             self._on_upstream_timeout()
-        elif kind is Timer.BODY:
+        elif kind is _TIMER_BODY:
             self._on_body_timeout(now)
         else:
             self._on_upstream_read_timeout(now)
 
     def _on_head_timeout(self) -> None:
         """Header timeout (bytes of a head pending) or keep-alive timeout (nothing pending)."""
-        if self.state is not State.HEAD:
+        if self.state is not _STATE_HEAD:
             return
         if self.client_write_blocked:
             self.close(abort=True)  # it does not even read our replies
@@ -760,7 +810,7 @@ class Exchange:
     def _on_upstream_read_timeout(self, now: float) -> None:
         """No upstream byte for ``read_timeout_s`` in the middle of a response body."""
         cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.response_done:
+        if cycle is None or self.state is not _STATE_FORWARD or cycle.response_done:
             return
         assert cycle.upstream_config is not None
         timeout = cycle.upstream_config.read_timeout_s
@@ -772,23 +822,23 @@ class Exchange:
                 self.io.finished(cycle, cycle.status, "")
                 self.close(abort=True)
                 return
-            self._arm(min(timeout, send_timeout), Timer.UPSTREAM_READ)
+            self._arm(min(timeout, send_timeout), _TIMER_UPSTREAM_READ)
             return
         quiet = now - cycle.last_read
         if quiet < timeout:
-            self._arm(timeout - quiet, Timer.UPSTREAM_READ)
+            self._arm(timeout - quiet, _TIMER_UPSTREAM_READ)
             return
         self._upstream_failed(cycle, "upstream_timeout", 504)
 
     def _on_body_timeout(self, now: float) -> None:
         """The request body stalled: the client stopped sending, or the upstream reading."""
         cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.request_done:
+        if cycle is None or self.state is not _STATE_FORWARD or cycle.request_done:
             return
         timeout = cycle.plan.limits.body_timeout_s
         quiet = now - cycle.last_body
         if quiet < timeout:
-            self._arm(timeout - quiet, Timer.BODY)
+            self._arm(timeout - quiet, _TIMER_BODY)
             return
         if self.upstream_write_blocked:
             self._upstream_failed(cycle, "upstream_timeout", 504)
@@ -802,7 +852,7 @@ class Exchange:
 
     def _on_upstream_timeout(self) -> None:
         cycle = self.cycle
-        if cycle is None or self.state is not State.FORWARD or cycle.response_started:
+        if cycle is None or self.state is not _STATE_FORWARD or cycle.response_started:
             return
         self._upstream_failed(cycle, "upstream_timeout", 504)
 
@@ -821,11 +871,11 @@ class Exchange:
         want_pause = (
             self.pump_yielded
             or self.upstream_write_blocked
-            or (self.client_write_blocked and self.state is State.HEAD)
+            or (self.client_write_blocked and self.state is _STATE_HEAD)
             or (
                 cycle is not None
                 and (
-                    self.state is State.UPSTREAM
+                    self.state is _STATE_UPSTREAM
                     or (cycle.request_done and len(cycle.leg.trailing) > 0)
                 )
             )
@@ -850,7 +900,7 @@ class Exchange:
 
     def _process(self, now: float) -> None:
         """Start as many cycles as the buffered bytes allow (pipelining, answered in order)."""
-        while self.state is State.HEAD:
+        while self.state is _STATE_HEAD:
             if self.client_write_blocked:
                 # answers pile up unread: stop here, client_unblocked() starts again
                 self._update_reading()
@@ -876,9 +926,9 @@ class Exchange:
                 self._local_reply_raw(refused.status, refused.code)
                 return
             assert isinstance(event, RequestHead)
-            if self.timer is not None:  # _cancel_timer, inline: once per request
-                self.timer = None
-                self.io.cancel_timer()
+            # The keep-alive (or header) timer stays armed: what follows arms the next one in
+            # its place (first byte, body, or the next keep-alive), or cancels it (a close, a
+            # wait for a connect); one timer call per request instead of two.
             cycle = Cycle(leg, event, now, plan)
             self.served += 1
             self.cycle = cycle
@@ -918,7 +968,7 @@ class Exchange:
         self._acquire(cycle, False, now)
 
     def _acquire(self, cycle: Cycle, fresh: bool, now: float) -> None:
-        self.state = State.UPSTREAM
+        self.state = _STATE_UPSTREAM
         try:
             conn = self.io.open_upstream(cycle.upstream_name, fresh)
         except NoHealthyUpstream as no_server:
@@ -928,35 +978,41 @@ class Exchange:
         if conn is not None:
             self.upstream_ready(conn, now)
         else:
+            self._cancel_timer()  # the connect has its own timeout
             self._update_reading()
 
     # ---------------------------------------------------------------- upstream events
 
     def upstream_ready(self, conn: UpstreamConn, now: float) -> None:
         cycle = self.cycle
-        if self.state is not State.UPSTREAM or cycle is None or cycle.sent_head is None:
+        if self.state is not _STATE_UPSTREAM or cycle is None or cycle.sent_head is None:
             # the client went away while we were connecting
             conn.release()
             return
         cycle.upstream = cycle.served_by = conn
         if cycle.upstream_config is None:
             cycle.upstream_config = conn.config
-        self.state = State.FORWARD
+        self.state = _STATE_FORWARD
         if self.client_write_blocked:
             conn.pause_reading()
         method, target, headers = cycle.sent_head
-        conn.write(conn.leg.request(method, target, headers))
+        info = cycle.info
+        assert info is not None
+        # upstream_headers framed a chunked body as chunked, and nothing else
+        conn.write(conn.leg.request(method, target, headers, chunked=info.chunked))
         cycle.upstream_sent = now
         if cycle.request_done:
             # a retry: the body-less request was read completely on the first attempt
-            conn.write(conn.leg.end())
-            self._arm(conn.config.first_byte_timeout_s, Timer.FIRST_BYTE)
+            end = conn.leg.end()
+            if end:
+                conn.write(end)
+            self._arm(conn.config.first_byte_timeout_s, _TIMER_FIRST_BYTE)
             return
         self._pump_request(now)
-        if self.state is State.FORWARD:
+        if self.state is _STATE_FORWARD:
             if not cycle.request_done:
                 cycle.last_body = now
-                self._arm(cycle.plan.limits.body_timeout_s, Timer.BODY)
+                self._arm(cycle.plan.limits.body_timeout_s, _TIMER_BODY)
             self._update_reading()
 
     def upstream_failed(self, code: str, config: UpstreamConfig, now: float) -> None:
@@ -964,7 +1020,7 @@ class Exchange:
         server of the pool whose spec is ``config``: another server, once, if the budget allows
         (no byte of the request went out, so any request may go again)."""
         cycle = self.cycle
-        if self.state is not State.UPSTREAM or cycle is None:
+        if self.state is not _STATE_UPSTREAM or cycle is None:
             return
         self.io.upstream_error(cycle.upstream_name, code, "")
         if _may_try_again(cycle, config, now):
@@ -985,11 +1041,11 @@ class Exchange:
 
     def upstream_lost(self, now: float) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.upstream is None or self.state is not State.FORWARD:
+        if cycle is None or cycle.upstream is None or self.state is not _STATE_FORWARD:
             return
         cycle.upstream.leg.feed_eof()
         self._pump_response(cycle, now)
-        if self.state is State.FORWARD and not cycle.response_done and cycle.upstream is not None:
+        if self.state is _STATE_FORWARD and not cycle.response_done and cycle.upstream is not None:
             self._upstream_broke(cycle, now, "closed before a complete response")
 
     def _upstream_broke(self, cycle: Cycle, now: float, detail: str) -> None:
@@ -1040,7 +1096,7 @@ class Exchange:
             # The head went out: the client sees the response end early (a reset). Reported
             # as the upstream's failure (502, or 504 for a stall), never as the status its
             # head carried.
-            cycle.verdict = Verdict.ERROR
+            cycle.verdict = _VERDICT_ERROR
             self.io.finished(cycle, status, code)
             self.close(abort=True)
         else:
@@ -1092,11 +1148,13 @@ class Exchange:
                     self._update_reading()
                     self.io.soon(self._resume_request_pump)
                     return
-            elif event is Ev.END:
-                conn.write(conn.leg.end())
+            elif event is _EV_END:
+                end = conn.leg.end()
+                if end:  # the last chunk; nothing after a Content-Length body
+                    conn.write(end)
                 cycle.request_done = True
                 if not cycle.response_started:
-                    self.timer = Timer.FIRST_BYTE  # _arm, inline: once per request
+                    self.timer = _TIMER_FIRST_BYTE  # _arm, inline: once per request
                     self.io.arm(conn.config.first_byte_timeout_s)
                 if cycle.response_done:
                     self._finish_cycle(cycle)
@@ -1106,9 +1164,9 @@ class Exchange:
 
     def _resume_request_pump(self, now: float) -> None:
         self.pump_yielded = False
-        if self.state is State.FORWARD and self.cycle is not None:
+        if self.state is _STATE_FORWARD and self.cycle is not None:
             self._pump_request(now)
-        if self.state is not State.CLOSED and not self.pump_yielded:
+        if self.state is not _STATE_CLOSED and not self.pump_yielded:
             self._update_reading()
 
     def _yield_response_pump(self, cycle: Cycle, conn: UpstreamConn) -> None:
@@ -1117,7 +1175,7 @@ class Exchange:
         def resume(now: float) -> None:
             if cycle is not self.cycle or cycle.upstream is None:
                 return
-            if self.state is not State.FORWARD:
+            if self.state is not _STATE_FORWARD:
                 return
             if not self.client_write_blocked:
                 cycle.upstream.resume_reading()
@@ -1142,7 +1200,7 @@ class Exchange:
         while True:
             try:
                 event = leg.next_event()
-                if event is Ev.END and head_unsent and leg.overrun:
+                if event is _EV_END and head_unsent and leg.overrun:
                     # the whole response and bytes after it came in one read: refused like
                     # the bytes after a response without a body (a second response appended)
                     raise UpstreamBroken("bytes after the complete response")
@@ -1171,16 +1229,21 @@ class Exchange:
                     out.append(self._response_head(cycle, event, now))
                     head_unsent = cycle.response_started
                     continue
-                if event is Ev.END:
+                if event is _EV_END:
                     out.append(client_leg.end())
             except UpstreamBroken as broken:  # the body disagrees with the Content-Length relayed
                 self._upstream_failed(cycle, "upstream_failed", 502, str(broken))
                 return
             if out:
                 self.io.writelines_client(out)
-            if event is not Ev.END:
-                if cycle.response_started and self.timer is None and self.state is State.FORWARD:
-                    self._arm(conn.config.read_timeout_s, Timer.UPSTREAM_READ)
+            if event is not _EV_END:
+                if (
+                    cycle.response_started
+                    and self.timer is not _TIMER_UPSTREAM_READ
+                    and self.state is _STATE_FORWARD
+                ):
+                    # in place of the first-byte (or body) timer
+                    self._arm(conn.config.read_timeout_s, _TIMER_UPSTREAM_READ)
                 return  # NEED_DATA, PAUSED, SWITCHED
             cycle.response_done = True
             if cycle.request_done:
@@ -1207,12 +1270,10 @@ class Exchange:
         upstream = cycle.upstream
         assert upstream is not None
         cycle.last_read = now
-        # the first-byte timer is done; the read timer is armed only if the body goes on
-        # after this read (_pump_response), so a small response costs no timer at all
-        # (_cancel_timer, inline: once per request)
-        if self.timer is not None:
-            self.timer = None
-            self.io.cancel_timer()
+        # The first-byte timer is done, but it stays armed: the read timer takes its place
+        # only if the body goes on after this read (_pump_response), and a response complete
+        # in this read has the keep-alive timer take its place (_read_next), so a small
+        # response costs no timer call of its own.
         lines = event.relayed
         lines.append(b"X-Request-Id: " + cycle.request_id)
         return cycle.leg.response_head_lines(
@@ -1244,15 +1305,15 @@ class Exchange:
         self.io.finished(cycle, 101, "")
         cycle.upstream = None
         self.cycle = None
-        self.state = State.TUNNEL
+        self.state = _STATE_TUNNEL
         self.scanner = _NO_SCANNER
         self.io.switched(cycle, conn, client_rest, upstream_rest)
 
     def _finish_cycle(self, cycle: Cycle) -> None:
-        """Both messages are complete: recycle the upstream, then read the next request."""
-        if self.timer is not None:  # _cancel_timer, inline: once per request
-            self.timer = None
-            self.io.cancel_timer()
+        """Both messages are complete: recycle the upstream, then read the next request.
+
+        The timer armed for this cycle is left to ``close`` to cancel or to ``_read_next`` to
+        replace with the keep-alive timer."""
         conn = cycle.upstream
         cycle.upstream = None
         self.upstream_write_blocked = False
@@ -1266,7 +1327,7 @@ class Exchange:
             conn.release()
         self.io.finished(cycle, cycle.status, "")
         self.cycle = None
-        if self.state is State.CLOSED:
+        if self.state is _STATE_CLOSED:
             return
         # Draining, a response sent without Connection: close (it started before the drain)
         # leaves the client free to send another request: that one is read and answered
@@ -1274,15 +1335,15 @@ class Exchange:
         if not cycle.leg.keep_alive:
             self.close()
             return
-        self._read_next(cycle)
-        if self.state is State.HEAD and len(self.scanner):
+        if self._read_next(cycle):
             # pipelined bytes: parse them on the next loop pass (no recursion per request)
             self.io.soon(self._process)
 
-    def _read_next(self, cycle: Cycle) -> None:
-        """Hand the bytes after ``cycle`` back to the scanner and wait for the next head."""
+    def _read_next(self, cycle: Cycle) -> bool:
+        """Hand the bytes after ``cycle`` back to the scanner and wait for the next head; True
+        when bytes of it are there already (pipelined)."""
         rest = cycle.leg.trailing
-        self.state = State.HEAD
+        self.state = _STATE_HEAD
         plan = self.listener.plan
         limits = plan.limits
         if plan is not cycle.plan:  # a reload: the next head is read with the new limits
@@ -1290,19 +1351,28 @@ class Exchange:
             scanner.max_head_bytes = limits.max_head_bytes
             scanner.max_headers = limits.max_headers
             scanner.max_uri_bytes = limits.max_uri_bytes
+        # (_arm, inline: once per request; in place of the cycle's timer)
         if rest:
+            # the scanner handed everything it held to the cycle's leg: ``rest`` is all of it
             self.scanner.feed(rest)
-        # (_arm, inline: once per request)
-        if len(self.scanner):
-            self.timer = Timer.HEAD
+            self.timer = _TIMER_HEAD
             self.io.arm(limits.header_timeout_s)
         elif self.half_closed:
             self.close()  # half-closed and everything it sent is answered
-            return
+            return False
         else:
-            self.timer = Timer.HEAD
+            self.timer = _TIMER_HEAD
             self.io.arm(limits.keepalive_timeout_s)
-        self._update_reading()
+        # _update_reading, unless nothing it looks at without a cycle is set (as it is on a
+        # keep-alive connection between requests): reading goes on as it was
+        if (
+            self.read_paused
+            or self.pump_yielded
+            or self.upstream_write_blocked
+            or self.client_write_blocked
+        ):
+            self._update_reading()
+        return bool(rest)
 
     # ---------------------------------------------------------------- local replies
 
@@ -1314,7 +1384,7 @@ class Exchange:
             self._drop_upstream(cycle)
         cycle.status = status
         if cycle.verdict in _FAILED_IF_ANSWERED_HERE:
-            cycle.verdict = Verdict.ERROR
+            cycle.verdict = _VERDICT_ERROR
         info = cycle.info
         if (
             cycle.head.http_version != b"1.1"
@@ -1330,7 +1400,7 @@ class Exchange:
             except RequestRefused:
                 close = True
             else:
-                close = event is not Ev.END and event is not Ev.PAUSED
+                close = event is not _EV_END and event is not _EV_PAUSED
         if cycle.leg.response_started:
             self.io.finished(cycle, status, code)
             self.close(abort=True)

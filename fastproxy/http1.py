@@ -9,9 +9,10 @@ Theory of operation
 Client leg. A ``HeadScanner`` owns the bytes of the client connection while no request is in
 progress: it finds the end of the next head and refuses, on the raw bytes, what h11 would
 tolerate but a backend might read differently (bare LF, bare CR, obs-fold), and what exceeds the
-size limits (414, 431). The checked head, and what follows it, is fed to a fresh h11 ``SERVER``
-connection that lives for one request/response cycle. When the cycle ends its unread bytes
-(``trailing``) go back to the scanner, so every pipelined request is scanned the same way.
+size limits (414, 431). The checked head goes to a fresh client leg that lives for one
+request/response cycle (``ServerLeg``: h11's request reader, without an ``h11.Connection``), and
+what follows it to that leg's body reader. When the cycle ends its unread bytes (``trailing``)
+go back to the scanner, so every pipelined request is scanned the same way.
 
 Responses. The client leg frames what it relays with fastproxy's own writer: the upstream's
 Content-Length and body bytes pass through untouched, a chunked or close-delimited body is
@@ -38,8 +39,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Final, cast
 
 import h11
+from h11._readers import maybe_read_from_IDLE_client
+from h11._receivebuffer import ReceiveBuffer
 
 try:
     from mypy_extensions import mypyc_attr
@@ -66,6 +70,16 @@ class Ev(enum.Enum):
     END = "end"
     #: the upstream accepted a protocol switch (101); the leg is done with HTTP
     SWITCHED = "switched"
+
+
+# The members of this module's enums as module constants, the only way the code below reads
+# them: on CPython 3.11 a member read off its class goes through ``EnumType.__getattr__``'s slot
+# wrapper, about four times the cost of a module global, and the readers test their state on
+# every event (several dozen reads per proxied request).
+_EV_NEED_DATA: Final = Ev.NEED_DATA
+_EV_PAUSED: Final = Ev.PAUSED
+_EV_END: Final = Ev.END
+_EV_SWITCHED: Final = Ev.SWITCHED
 
 
 class UpstreamBroken(Exception):
@@ -118,6 +132,10 @@ def _join(buf: bytes | bytearray, spans: list[int]) -> bytes:
 
 #: blank lines skipped at once before a request line (a client may send many)
 _CRLF_BLOCK = b"\r\n" * 512
+#: CR and LF as ints: ``_CR in head`` is a memchr (``b"\r" in head`` tries its operand as an
+#: index first, and builds and drops a TypeError)
+_CR = 0x0D
+_LF = 0x0A
 
 
 class HeadScanner:
@@ -163,7 +181,8 @@ class HeadScanner:
         # RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request-line.
         if buf[:2] == b"\r\n":
             buf = self._skip_blank_lines()
-        end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        scanned = self._scanned
+        end = buf.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
         if end < 0:
             if buf:
                 self._check_partial()
@@ -230,16 +249,15 @@ class HeadScanner:
             return RequestRefused(414, "uri_too_long")
         return RequestRefused(431, "headers_too_large")
 
-    @staticmethod
-    def _check_line_ends(head: bytes) -> None:
-        crlf = head.count(b"\r\n")
-        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-            raise RequestRefused(400, "bad_request", "bare CR or LF in the request head")
-
     def _check_head(self, head: bytes) -> None:
-        self._check_line_ends(head)
+        # (bytes.count and bytes.find parse their arguments the slow way on CPython 3.11: the
+        # checks use as few as they can, and look for single bytes as ints)
+        # CR and LF only as CRLF (RFC 9112 2.2): with the CRLFs taken out, none is left
+        bare = head.replace(b"\r\n", b"")
+        if _LF in bare or _CR in bare:
+            raise RequestRefused(400, "bad_request", "bare CR or LF in the request head")
         # RFC 9112 5.2: obs-fold is refused rather than unfolded.
-        if b"\r\n " in head or b"\r\n\t" in head:
+        if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
             raise RequestRefused(400, "bad_request", "obsolete line folding")
         # h11 merges identical Content-Length fields ("5" twice, or "5, 5") into one; SPEC 5
         # refuses both, so they are counted here, on the raw bytes.
@@ -248,17 +266,16 @@ class HeadScanner:
         if at >= 0:
             if lower.find(b"\ncontent-length:", at + 1) >= 0:
                 raise RequestRefused(400, "bad_request", "more than one Content-Length")
-            if b"," in head[at : head.find(b"\r\n", at + 1)]:
+            if head.find(b",", at, head.find(b"\r\n", at + 1)) >= 0:
                 raise RequestRefused(400, "bad_request", "a list in Content-Length")
-        if head.count(b"\r\n") - 2 > self.max_headers:
+        # every line ends in CRLF: as many lines as CRLFs, less the request line and the last
+        if (len(head) - len(bare)) // 2 - 2 > self.max_headers:
             raise RequestRefused(431, "headers_too_large", "too many header fields")
-        line_end = head.find(b"\r\n")
         # RFC 9112 3: method SP request-target SP HTTP-version, single spaces (llhttp is lenient)
-        if head.count(b" ", 0, line_end) != 2:
+        parts = head[: head.find(b"\r\n")].split(b" ")
+        if len(parts) != 3:
             raise RequestRefused(400, "bad_request", "malformed request line")
-        first_space = head.find(b" ", 0, line_end)
-        last_space = head.rfind(b" ", 0, line_end)
-        if last_space - first_space - 1 > self.max_uri_bytes:
+        if len(parts[1]) > self.max_uri_bytes:
             raise RequestRefused(414, "uri_too_long")
 
 
@@ -286,6 +303,12 @@ class _Req(enum.Enum):
     DONE = "done"  #: the request is complete
 
 
+_REQ_HEAD: Final = _Req.HEAD
+_REQ_LENGTH: Final = _Req.LENGTH
+_REQ_CHUNKED: Final = _Req.CHUNKED
+_REQ_DONE: Final = _Req.DONE
+
+
 #: a chunk-size line longer than this is refused (as h11 bounds it), on both legs
 MAX_CHUNK_LINE_BYTES = 1024
 #: chunks whose data one body event joins at most: a read full of tiny chunks is handed over
@@ -300,6 +323,12 @@ class _Body(enum.Enum):
     LENGTH = "length"  #: Content-Length, bytes passed through
     CHUNKED = "chunked"  #: re-framed as chunks (HTTP/1.1 clients)
     CLOSE = "close"  #: delimited by closing the connection (HTTP/1.0 clients)
+
+
+_BODY_NONE: Final = _Body.NONE
+_BODY_LENGTH: Final = _Body.LENGTH
+_BODY_CHUNKED: Final = _Body.CHUNKED
+_BODY_CLOSE: Final = _Body.CLOSE
 
 
 #: RFC 9110 15: the reason phrases of the statuses fastproxy writes itself (local answers, the
@@ -391,7 +420,10 @@ class ClientLeg:
         "copied",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_head_bytes: int = 0) -> None:
+        # ``max_head_bytes`` (the ``WorkerView.leg_class`` signature) is HeadScanner's to
+        # enforce: a head given to a leg is whole. Taken here, so that a parser's leg needs no
+        # ``__init__`` of its own (one frame and a ``super()`` less per request).
         self._body: _Body | None = None  # None until a final response head is written
         #: the last body event stopped at ``MAX_CHUNKS_PER_EVENT``: more is ready without a read
         self.capped = False
@@ -401,7 +433,7 @@ class ClientLeg:
         self._client_close = True
         # the request side: the parsed head until returned, then the body reader's state
         self._head: RequestHead | None = None
-        self._req = _Req.HEAD
+        self._req = _REQ_HEAD
         self._body_left = 0
         self._chunks: ChunkedReader | None = None
         # unread request bytes: ``_buf[_pos:]``; ``_buf`` is ``b""`` once all of it is read
@@ -420,29 +452,38 @@ class ClientLeg:
         raise NotImplementedError
 
     def _begin_body(self, head: RequestHead) -> None:
-        """Keep the parsed head for ``next_event`` and choose how its body is read.
+        """Keep the parsed head for ``next_event``, choose how its body is read and whether the
+        connection may stay open after the response.
 
         Framing by the rules of ``headers.inspect_request``, which refuses every ambiguous
         combination before any body byte is forwarded: ``chunked``, or Content-Length, or none.
         """
         self._head = head
-        self._saw_head(head.method, head.http_version, head.headers)
+        self._head_request = head.method == b"HEAD"
+        # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
+        close = head.http_version == b"1.0"
         chunked = False
         length = 0
+        # one pass, lower-casing only the names as long as the three looked for
         for name, value in head.headers:
-            if len(name) != 17 and len(name) != 14:
+            size = len(name)
+            if size != 17 and size != 14 and size != 10:
                 continue
             lower = name.lower()
             if lower == b"transfer-encoding":
                 chunked = True
-            elif lower == b"content-length" and value.isdigit() and len(value) <= 18:
-                length = int(value)
+            elif lower == b"content-length":
+                if value.isdigit() and len(value) <= 18:
+                    length = int(value)
+            elif lower == b"connection" and value.lower().find(b"close") >= 0:
+                close = True
+        self._client_close = close
         if chunked:
-            self._req = _Req.CHUNKED
+            self._req = _REQ_CHUNKED
             self._chunks = ChunkedReader(_bad_request_chunk)
         else:
             self._body_left = length
-            self._req = _Req.LENGTH
+            self._req = _REQ_LENGTH
 
     def feed(self, data: bytes) -> None:
         """Bytes after the head: body, or the following requests."""
@@ -465,14 +506,14 @@ class ClientLeg:
             head, self._head = self._head, None
             return head
         state = self._req
-        if state is _Req.LENGTH:
+        if state is _REQ_LENGTH:
             remaining = self._body_left
             if not remaining:
-                self._req = _Req.DONE
-                return Ev.END
+                self._req = _REQ_DONE
+                return _EV_END
             buf = self._buf
             if not buf:
-                return Ev.NEED_DATA
+                return _EV_NEED_DATA
             pos = self._pos
             size = len(buf) - pos
             if size <= remaining:
@@ -483,10 +524,10 @@ class ClientLeg:
             self._pos = pos + remaining
             self._body_left = 0
             return _slice(buf, pos, pos + remaining)
-        if state is _Req.DONE:
-            return Ev.PAUSED
-        if state is _Req.HEAD:
-            return Ev.NEED_DATA  # no head fed yet
+        if state is _REQ_DONE:
+            return _EV_PAUSED
+        if state is _REQ_HEAD:
+            return _EV_NEED_DATA  # no head fed yet
         return self._read_chunked()
 
     def _read_chunked(self) -> bytes | Ev:
@@ -504,17 +545,17 @@ class ClientLeg:
         if spans:
             if ended:
                 self._body_left = 0
-                self._req = _Req.LENGTH  # nothing left: the next event is END
+                self._req = _REQ_LENGTH  # nothing left: the next event is END
             return _join(buf, spans)
         if ended:
-            self._req = _Req.DONE
-            return Ev.END
-        return Ev.NEED_DATA
+            self._req = _REQ_DONE
+            return _EV_END
+        return _EV_NEED_DATA
 
     @property
     def request_ended(self) -> bool:
         """The request (head and body) has been read completely."""
-        return self._req is _Req.DONE
+        return self._req is _REQ_DONE
 
     @property
     def trailing(self) -> bytes:
@@ -523,17 +564,6 @@ class ClientLeg:
         if not buf:
             return b""
         return buf if not self._pos and type(buf) is bytes else _slice(buf, self._pos, len(buf))
-
-    def _saw_head(self, method: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._head_request = method == b"HEAD"
-        # HTTP/1.0 connections are not kept alive (as h11 does); 1.1 unless "close"
-        close = version == b"1.0"
-        if not close:
-            for name, value in headers:
-                if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
-                    close = True
-                    break
-        self._client_close = close
 
     # -- response side
 
@@ -576,20 +606,20 @@ class ClientLeg:
             parts.append(b"\r\n")
             return b"\r\n".join(parts)
         if self._head_request or status in (204, 304):
-            body = _Body.NONE
+            body = _BODY_NONE
             if length is not None and status != 204:
                 parts.append(b"Content-Length: %d" % length)
         elif length is not None:
-            body = _Body.LENGTH
+            body = _BODY_LENGTH
             self._remaining = length
             parts.append(b"Content-Length: %d" % length)
         elif not self._client_close:
-            body = _Body.CHUNKED
+            body = _BODY_CHUNKED
             parts.append(b"Transfer-Encoding: chunked")
         else:
-            body = _Body.CLOSE
+            body = _BODY_CLOSE
         self._body = body
-        if close or body is _Body.CLOSE:
+        if close or body is _BODY_CLOSE:
             self._client_close = True
         if self._client_close:
             parts.append(b"Connection: close")
@@ -598,22 +628,22 @@ class ClientLeg:
 
     def body(self, data: bytes) -> list[bytes]:
         body = self._body
-        if body is _Body.LENGTH:
+        if body is _BODY_LENGTH:
             self._remaining -= len(data)
             if self._remaining < 0:
                 raise UpstreamBroken("more body than the relayed Content-Length")
             return [data]
-        if body is _Body.CHUNKED:
+        if body is _BODY_CHUNKED:
             return chunk(data)
-        if body is _Body.CLOSE:
+        if body is _BODY_CLOSE:
             return [data]
         raise UpstreamBroken("a body where the response has none")
 
     def end(self) -> bytes:
         self._sent_end = True
-        if self._body is _Body.CHUNKED:
+        if self._body is _BODY_CHUNKED:
             return LAST_CHUNK
-        if self._body is _Body.LENGTH and self._remaining:
+        if self._body is _BODY_LENGTH and self._remaining:
             raise UpstreamBroken("less body than the relayed Content-Length")
         return b""
 
@@ -638,6 +668,27 @@ class ClientLeg:
         return self._sent_end and not self._client_close and self.request_ended
 
 
+class _HeadLines:
+    """One whole head as h11's request reader takes it: the two methods of h11's
+    ``ReceiveBuffer`` that ``maybe_read_from_IDLE_client`` calls.
+
+    ``HeadScanner`` has found the end of the head and made sure that every line ends in CRLF
+    and nothing else does, so the lines are one split, where a ``ReceiveBuffer`` would copy the
+    head, search it for its end again and strip each line's CR (a sixth of h11's parse).
+    """
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, head: bytes) -> None:
+        self._lines = head[:-4].split(b"\r\n")  # without the empty line
+
+    def maybe_extract_lines(self) -> list[bytes]:
+        return self._lines
+
+    def is_next_line_obviously_invalid_request_line(self) -> bool:
+        return False  # only asked when no whole head is there
+
+
 # the test harnesses record what the exchange does to a leg in subclasses
 @mypyc_attr(allow_interpreted_subclasses=True)
 class ServerLeg(ClientLeg):
@@ -647,25 +698,27 @@ class ServerLeg(ClientLeg):
     read by ``ClientLeg``'s reader, so h11 never copies body bytes through its buffers.
     """
 
-    __slots__ = ("_max_head_bytes",)
-
-    def __init__(self, max_head_bytes: int) -> None:
-        super().__init__()
-        self._max_head_bytes = max_head_bytes
+    __slots__ = ()
 
     def feed_head(self, head: bytes) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
-        conn.receive_data(head)
+        # h11's own request reader, without an ``h11.Connection`` around it: the connection's
+        # state machine (keep-alive, body framing, protocol switches) would decide again what
+        # ``ClientLeg`` decides, at a third of the cost of the whole parse. The reader and the
+        # ``Request`` it builds apply every check h11 makes on a request head (request line
+        # and field grammar, obs-fold, Host, Content-Length, Transfer-Encoding); the connection
+        # adds none for one whole head, only turns its LocalProtocolError into a
+        # RemoteProtocolError (both are ``h11.ProtocolError``, with the same message and status
+        # hint). tests/fuzz/test_differential.py holds the two to the same answers.
         try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
+            event = maybe_read_from_IDLE_client(cast(ReceiveBuffer, _HeadLines(head)))
+        except h11.ProtocolError as exc:
             status = exc.error_status_hint
             if status == 431:
                 raise RequestRefused(431, "headers_too_large") from exc
             if "Host" in str(exc):  # h11: "Found multiple Host: headers", "Missing ... Host"
                 raise RequestRefused(400, "bad_host", str(exc)) from exc
             raise RequestRefused(400, "bad_request", str(exc)) from exc
-        if type(event) is not h11.Request:
+        if event is None:
             raise RequestRefused(400, "bad_request", "incomplete request head")
         version = event.http_version
         if version not in (b"1.1", b"1.0"):
@@ -709,6 +762,9 @@ class ResponseHead:
 
 
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: "_" as an int: ``_UNDERSCORE in name`` is a memchr (``b"_" in name`` tries its operand as an
+#: index first, and builds and drops a TypeError: ten times the cost on CPython 3.11)
+_UNDERSCORE = ord("_")
 _HEX = b"0123456789abcdefABCDEF"
 _DIGITS = b"0123456789"
 #: control characters but HTAB (CR and LF included): RFC 9110 5.5 allows none in a field value,
@@ -774,6 +830,12 @@ class _Chunk(enum.Enum):
     TRAILERS = "trailers"  #: the trailer section after the last chunk, up to its empty line
 
 
+_CHUNK_SIZE: Final = _Chunk.SIZE
+_CHUNK_DATA: Final = _Chunk.DATA
+_CHUNK_CRLF: Final = _Chunk.CRLF
+_CHUNK_TRAILERS: Final = _Chunk.TRAILERS
+
+
 class ChunkedReader:
     """The one chunked-body reader (RFC 9112 7.1), for requests and responses alike.
 
@@ -792,7 +854,7 @@ class ChunkedReader:
     def __init__(self, error: Callable[[str], Exception], trailer_bytes: int = 0) -> None:
         self._error = error
         self._trailer_bytes = trailer_bytes
-        self._state = _Chunk.SIZE
+        self._state = _CHUNK_SIZE
         #: bytes of the current chunk's data still to come
         self._left = 0
         self._trailer_left = 0
@@ -808,7 +870,7 @@ class ChunkedReader:
         budget = MAX_CHUNKS_PER_EVENT
         try:
             while pos < end:
-                if state is _Chunk.DATA:
+                if state is _CHUNK_DATA:
                     left = self._left
                     if end - pos < left:
                         spans += (pos, end)
@@ -818,15 +880,15 @@ class ChunkedReader:
                     spans += (pos, pos + left)
                     pos += left
                     self._left = 0
-                    state = _Chunk.CRLF
-                elif state is _Chunk.CRLF:
+                    state = _CHUNK_CRLF
+                elif state is _CHUNK_CRLF:
                     if buf[pos] != 0x0D or (end - pos > 1 and buf[pos + 1] != 0x0A):
                         raise error("chunk data longer than its size")
                     if end - pos < 2:
                         break
                     pos += 2
-                    state = _Chunk.SIZE
-                elif state is _Chunk.SIZE:
+                    state = _CHUNK_SIZE
+                elif state is _CHUNK_SIZE:
                     if not budget:
                         capped = True
                         break  # enough chunks for one event; the rest on the next call
@@ -843,10 +905,10 @@ class ChunkedReader:
                     if size:
                         self._left = size
                         budget -= 1
-                        state = _Chunk.DATA
+                        state = _CHUNK_DATA
                     else:
                         self._trailer_left = self._trailer_bytes
-                        state = _Chunk.TRAILERS
+                        state = _CHUNK_TRAILERS
                 else:
                     # the trailer section, then its empty line (RFC 9112 7.1.2)
                     left = self._trailer_left
@@ -884,6 +946,15 @@ class _Up(enum.Enum):
     CLOSE = "close"  #: a body delimited by the connection closing
     DONE = "done"  #: the response is complete
     SWITCHED = "switched"  #: a 101 was received; the bytes after it are another protocol
+
+
+_UP_IDLE: Final = _Up.IDLE
+_UP_HEAD: Final = _Up.HEAD
+_UP_LENGTH: Final = _Up.LENGTH
+_UP_CHUNKED: Final = _Up.CHUNKED
+_UP_CLOSE: Final = _Up.CLOSE
+_UP_DONE: Final = _Up.DONE
+_UP_SWITCHED: Final = _Up.SWITCHED
 
 
 # the test harnesses record what the exchange does to a leg in subclasses
@@ -932,7 +1003,7 @@ class UpstreamLeg:
         self._pos = 0
         # bytes after ``_pos`` already searched for the end of the head (less 3)
         self._scanned = 0
-        self._state = _Up.IDLE
+        self._state = _UP_IDLE
         self._eof = False
         self._method = b""
         self._remaining = 0
@@ -951,17 +1022,23 @@ class UpstreamLeg:
 
     # -- request side
 
-    def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-        """The request head. Names and values were checked by the request parser or are ours."""
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        chunked: bool = False,
+    ) -> bytes:
+        """The request head. Names and values were checked by the request parser or are ours;
+        ``chunked``: ``headers`` say ``Transfer-Encoding: chunked`` (the body is framed so)."""
         self._method = method
-        self._state = _Up.HEAD
+        self._state = _UP_HEAD
         self._req_done = False
-        self._req_chunked = False
+        self._req_chunked = chunked
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-            if len(name) == 17 and name.lower() == b"transfer-encoding":
-                self._req_chunked = True
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -978,7 +1055,7 @@ class UpstreamLeg:
 
     def feed(self, data: bytes) -> None:
         self.received_any = True
-        if self._state is _Up.DONE:
+        if self._state is _UP_DONE:
             self.overrun = True
         buf = self._buf
         if not buf:
@@ -993,16 +1070,16 @@ class UpstreamLeg:
     def next_event(self) -> ResponseHead | bytes | Ev:
         """The next response event; raise ``UpstreamBroken`` on a protocol violation."""
         state = self._state
-        if state is _Up.LENGTH:
+        if state is _UP_LENGTH:
             remaining = self._remaining
             if not remaining:
-                self._state = _Up.DONE
-                return Ev.END
+                self._state = _UP_DONE
+                return _EV_END
             buf = self._buf
             if not buf:
                 if self._eof:
                     raise UpstreamBroken("upstream closed in the middle of the body")
-                return Ev.NEED_DATA
+                return _EV_NEED_DATA
             pos = self._pos
             size = len(buf) - pos
             if size <= remaining:
@@ -1017,11 +1094,11 @@ class UpstreamLeg:
             self._pos = pos + remaining
             self._remaining = 0
             return _slice(buf, pos, pos + remaining)
-        if state is _Up.HEAD:
+        if state is _UP_HEAD:
             return self._read_head()
-        if state is _Up.CHUNKED:
+        if state is _UP_CHUNKED:
             return self._read_chunked()
-        if state is _Up.CLOSE:
+        if state is _UP_CLOSE:
             buf = self._buf
             if buf:
                 pos = self._pos
@@ -1029,13 +1106,13 @@ class UpstreamLeg:
                 self._pos = 0
                 return _slice(buf, pos, len(buf))
             if self._eof:
-                self._state = _Up.DONE
-                return Ev.END
-            return Ev.NEED_DATA
-        if state is _Up.SWITCHED:
-            return Ev.SWITCHED
-        if state is _Up.DONE:
-            return Ev.PAUSED
+                self._state = _UP_DONE
+                return _EV_END
+            return _EV_NEED_DATA
+        if state is _UP_SWITCHED:
+            return _EV_SWITCHED
+        if state is _UP_DONE:
+            return _EV_PAUSED
         raise UpstreamBroken("response bytes before any request")  # IDLE
 
     def _read_head(self) -> ResponseHead | Ev:
@@ -1051,7 +1128,7 @@ class UpstreamLeg:
             # resume there: a head dripped in small reads is searched once, not once per read
             if unread > 3:
                 self._scanned = unread - 3
-            return Ev.NEED_DATA
+            return _EV_NEED_DATA
         if end + 4 - pos > MAX_RESPONSE_HEAD_BYTES:
             raise UpstreamBroken("response head too large")
         head = buf[pos:end] if type(buf) is bytes else _slice(buf, pos, end)
@@ -1079,21 +1156,25 @@ class UpstreamLeg:
         if status < 100 or status > 599:  # RFC 9110 15: 100..599
             raise UpstreamBroken(f"bad status line {quote(status_line[:100])}")
         # One pass: check every field line, read the framing fields, and keep the lines that
-        # are relayed as they are. Only names as long as a dropped one are lower-cased.
+        # are relayed as they are. Only names as long as a dropped one are lower-cased (a name
+        # that is no token never lower-cases to one), and the names are held to the token
+        # alphabet all at once after the pass.
         relayed: list[bytes] = []
+        names: list[bytes] = []
         named: set[bytes] = set()
         length: bytes | None = None
         coding: bytes | None = None
         close = version == b"HTTP/1.0"
         for line in lines:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name.translate(None, _TOKEN_BYTES):
+            if not colon or not name:
                 raise UpstreamBroken(f"bad header line {quote(line[:100])}")
+            names.append(name)
             if len(name) not in RESPONSE_DROPPED_LENGTHS:
                 relayed.append(line)
                 continue
             lower = name.lower()
-            if b"_" in lower:
+            if _UNDERSCORE in lower:
                 lower = lower.replace(b"_", b"-")
                 if lower == b"content-length" or lower == b"transfer-encoding":
                     # a CGI-style reader (HTTP_CONTENT_LENGTH) takes it for the real one
@@ -1119,6 +1200,12 @@ class UpstreamLeg:
                     close = False
             if lower not in RESPONSE_DROPPED:
                 relayed.append(line)
+        if b"".join(names).translate(None, _TOKEN_BYTES):
+            # RFC 9110 5.1: a field name is a token (one translate for all of them: its fixed
+            # cost is several times that of a short name)
+            for line, name in zip(lines, names, strict=True):
+                if name.translate(None, _TOKEN_BYTES):
+                    raise UpstreamBroken(f"bad header line {quote(line[:100])}")
         if named:
             named = {fold(token) for token in named} - CONNECTION_OPTIONS
             if named:  # rare: fields the upstream marked hop-by-hop by naming them
@@ -1129,7 +1216,7 @@ class UpstreamLeg:
         self.declared_length = None if length is None else size
         if status < 200:
             if status == 101:
-                self._state = _Up.SWITCHED
+                self._state = _UP_SWITCHED
             return ResponseHead(status, reason, lines, relayed)
         self._close = close
         # RFC 9112 6.3: the order of these rules matters
@@ -1138,17 +1225,17 @@ class UpstreamLeg:
                 # a body after a response that has none: a second response, or a split one
                 raise UpstreamBroken("bytes after a response without a body")
             self._remaining = 0  # no body: the next event is END
-            self._state = _Up.LENGTH
+            self._state = _UP_LENGTH
         elif coding is not None:
-            self._state = _Up.CHUNKED
+            self._state = _UP_CHUNKED
             self._chunks = ChunkedReader(UpstreamBroken, MAX_RESPONSE_TRAILER_BYTES)
         elif size >= 0:
             if unread > size:
                 raise UpstreamBroken("bytes after the Content-Length body")
             self._remaining = size
-            self._state = _Up.LENGTH
+            self._state = _UP_LENGTH
         else:
-            self._state = _Up.CLOSE
+            self._state = _UP_CLOSE
             self._close = True
         return ResponseHead(status, reason, lines, relayed)
 
@@ -1194,22 +1281,22 @@ class UpstreamLeg:
         if spans:
             if ended:
                 self._remaining = 0
-                self._state = _Up.LENGTH  # nothing left: the next event is END
+                self._state = _UP_LENGTH  # nothing left: the next event is END
             return _join(buf, spans)
         if ended:
-            self._state = _Up.DONE
-            return Ev.END
+            self._state = _UP_DONE
+            return _EV_END
         if self._eof:
             raise UpstreamBroken("upstream closed in the middle of the chunked body")
-        return Ev.NEED_DATA
+        return _EV_NEED_DATA
 
     @property
     def reusable(self) -> bool:
         """The exchange is complete on both sides and the upstream keeps the connection."""
-        return self._state is _Up.DONE and self._req_done and not self._close and not self._eof
+        return self._state is _UP_DONE and self._req_done and not self._close and not self._eof
 
     def start_next_cycle(self) -> None:
-        self._state = _Up.IDLE
+        self._state = _UP_IDLE
         self._method = b""
         self._scanned = 0
         self.declared_length = None
@@ -1218,7 +1305,7 @@ class UpstreamLeg:
 
     @property
     def idle(self) -> bool:
-        return self._state is _Up.IDLE
+        return self._state is _UP_IDLE
 
     @property
     def trailing(self) -> bytes:

@@ -22,7 +22,8 @@ from fastproxy.http1 import ClientLeg, RequestHead
 
 #: visible ASCII: the bytes a request-target may contain (RFC 9112 3.2, as h11 checks)
 _VCHAR = bytes(range(0x21, 0x7F))
-_OWS = (b" ", b"\t")
+#: SP and HTAB, as ints (a byte of a value indexed)
+_OWS = (0x20, 0x09)
 
 
 class _Head:
@@ -46,9 +47,6 @@ class HttptoolsLeg(ClientLeg):
 
     __slots__ = ()
 
-    def __init__(self, max_head_bytes: int) -> None:
-        super().__init__()
-
     def feed_head(self, head: bytes) -> None:
         # The target is taken from the request line as it is (HeadScanner guarantees exactly two
         # single spaces in it) and judged by the policy, as with h11; llhttp parses the rest of
@@ -71,7 +69,7 @@ class HttptoolsLeg(ClientLeg):
         fields.url = target
         for _name, value in fields.headers:
             # field values keep no surrounding whitespace (RFC 9110 5.5), as h11 strips them
-            if value[:1] in _OWS or value[-1:] in _OWS:
+            if value and (value[0] in _OWS or value[-1] in _OWS):
                 fields.headers = [(n, v.strip(b" \t")) for n, v in fields.headers]
                 break
         # the version as sent (llhttp checked its form); bytes, not llhttp's formatted str

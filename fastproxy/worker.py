@@ -59,7 +59,7 @@ import termios
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import orjson
 
@@ -67,7 +67,15 @@ from fastproxy import admin, control, log, tls
 from fastproxy.config import Config, HttpParser, Limits, UpstreamConfig, parse_config
 from fastproxy.deadlines import Deadlines
 from fastproxy.errors import INTERNAL_ERROR, OVERLOADED, ConfigError
-from fastproxy.exchange import Cycle, Exchange, State, UpstreamConn, Verdict, error_response
+from fastproxy.exchange import (
+    VERDICT_LABEL,
+    Cycle,
+    Exchange,
+    State,
+    UpstreamConn,
+    Verdict,
+    error_response,
+)
 from fastproxy.http1 import ClientLeg, ServerLeg
 from fastproxy.metrics import WorkerMetrics
 from fastproxy.policy import Decision
@@ -103,6 +111,10 @@ _INT_ZERO = bytes(4)
 SHED_LINGER_S = 1.0
 #: at most one WARNING line per key (an upstream and a kind, a listener and a reason) this often
 LOG_INTERVAL_S = 10.0
+# members read on every request, as module constants (on CPython 3.11 a member read off its
+# class goes through ``EnumType.__getattr__``'s slot wrapper: four times a global)
+_STATE_TUNNEL: Final = State.TUNNEL
+_VERDICT_WOULD_DENY: Final = Verdict.WOULD_DENY
 
 
 class Listener:
@@ -448,7 +460,7 @@ class ClientProtocol(asyncio.Protocol):
         self.bytes_in += n
         self.listener.received += n
         exchange = self.exchange
-        if exchange.state is not State.TUNNEL:
+        if exchange.state is not _STATE_TUNNEL:
             exchange.client_data(data, time.monotonic())
         else:
             self._tunnel_from_client(data)
@@ -513,7 +525,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_upstream_data(self, data: bytes) -> None:
         exchange = self.exchange
-        if exchange.state is not State.TUNNEL:
+        if exchange.state is not _STATE_TUNNEL:
             exchange.upstream_data(data, time.monotonic())
             return
         try:
@@ -609,7 +621,7 @@ class ClientProtocol(asyncio.Protocol):
         self.worker.metrics.request_done(
             listener.name,
             rule,
-            verdict.value,
+            VERDICT_LABEL[verdict],
             status,
             time.monotonic() - cycle.start,
             cycle.upstream_name,
@@ -618,7 +630,7 @@ class ClientProtocol(asyncio.Protocol):
         access = log.access
         if access is not None:
             self._access_log(access, cycle, status, code)
-        if verdict is Verdict.WOULD_DENY and decision is not None:
+        if verdict is _VERDICT_WOULD_DENY and decision is not None:
             self._log_would_deny(decision)
 
     def upstream_error(self, upstream: str, code: str, detail: str) -> None:

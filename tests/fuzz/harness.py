@@ -38,15 +38,16 @@ OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 class RecordingLeg(ServerLeg):
     """The h11 client leg, keeping the raw head it was given (framing is checked on it)."""
 
-    __slots__ = ("raw_head",)
+    __slots__ = ("max_head_bytes", "raw_head")
 
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
+        self.max_head_bytes = max_head_bytes
         self.raw_head = b""
 
     def feed_head(self, head: bytes) -> None:
         # the scanner never hands over a head over the limit
-        assert len(head) <= self._max_head_bytes, f"accepted a head of {len(head)} bytes"
+        assert len(head) <= self.max_head_bytes, f"accepted a head of {len(head)} bytes"
         self.raw_head = head
         super().feed_head(head)
 
@@ -54,12 +55,15 @@ class RecordingLeg(ServerLeg):
 class RecordingUpstreamLeg(UpstreamLeg):
     """The upstream leg, keeping the body events it framed and whether the request ended."""
 
-    __slots__ = ("body_events", "ended")
+    __slots__ = ("body_events", "ended", "on_end")
 
-    def __init__(self) -> None:
+    def __init__(self, on_end: Callable[[], None]) -> None:
         super().__init__()
         self.body_events: list[bytes] = []
         self.ended = False
+        #: called when the request ends with nothing more to write (a Content-Length body);
+        #: the last chunk ends it when it is written
+        self.on_end = on_end
 
     def body(self, data: bytes) -> list[bytes]:
         self.body_events.append(data)
@@ -67,7 +71,10 @@ class RecordingUpstreamLeg(UpstreamLeg):
 
     def end(self) -> bytes:
         self.ended = True
-        return super().end()
+        data = super().end()
+        if not data:
+            self.on_end()
+        return data
 
 
 class FakeWorker:
@@ -100,7 +107,7 @@ class FakeUpstream:
         self.name = name
         self.config = config
         self.reused = reused
-        self.leg: UpstreamLeg = RecordingUpstreamLeg()
+        self.leg: UpstreamLeg = RecordingUpstreamLeg(self._request_ended)
         #: the cycle that opened it (``None``: opened when no cycle was under way)
         self.cycle = cycle
         self.wire: list[bytes] = []
@@ -125,12 +132,16 @@ class FakeUpstream:
         leg = self.leg
         return leg.body_events if isinstance(leg, RecordingUpstreamLeg) else []
 
+    def _request_ended(self) -> None:
+        if not self.answered:
+            self.answered = True
+            self.harness.request_sent(self)
+
     def write(self, data: bytes) -> None:
         assert self.live, "a write on a connection the exchange gave back"
         self.wire.append(data)
-        if self.request_ended and not self.answered:
-            self.answered = True
-            self.harness.request_sent(self)
+        if self.request_ended:
+            self._request_ended()
 
     def writelines(self, data: list[bytes]) -> None:
         assert self.live, "a write on a connection the exchange gave back"
@@ -292,7 +303,7 @@ class Harness:
     # -- hooks for subclasses
 
     def request_sent(self, conn: FakeUpstream) -> None:
-        """The exchange wrote the end of a request on ``conn``: answer it on the next pass."""
+        """The exchange ended a request on ``conn``: answer it on the next pass."""
         response = self.respond(conn)
         if response is not None:
             self.queue.append(lambda now: conn.answer(response))

@@ -301,7 +301,9 @@ def test_upstream_leg_keeps_bytes_after_the_response_as_trailing() -> None:
 
 def test_upstream_leg_serialises_chunked_request_bodies() -> None:
     leg = UpstreamLeg()
-    head = leg.request(b"POST", b"/x", [(b"Host", b"up"), (b"Transfer-Encoding", b"chunked")])
+    head = leg.request(
+        b"POST", b"/x", [(b"Host", b"up"), (b"Transfer-Encoding", b"chunked")], chunked=True
+    )
     assert head == b"POST /x HTTP/1.1\r\nHost: up\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert b"".join(leg.body(b"abc")) == b"3\r\nabc\r\n"
     assert leg.end() == b"0\r\n\r\n"
