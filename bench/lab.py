@@ -270,6 +270,26 @@ def digest(v: Variant, modules: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
+#: appended to a variant's copy of ``fastproxy/accel.py``: the package's own choice runs compiled
+#: modules only beside the manifest its ``setup.py`` writes (one mypyc library, named sources);
+#: a lab variant runs whatever its own build made, mypyc or Cython
+LAB_SELECT = """
+
+def select() -> Build:
+    \"\"\"The compile lab's copy: run the extension modules this copy was built with.\"\"\"
+    global BUILD
+    BUILD = Build("lab", (), "")
+    return BUILD
+"""
+
+
+def run_what_was_built(dest: Path) -> None:
+    accel = dest / "fastproxy" / "accel.py"
+    if accel.exists() and LAB_SELECT not in accel.read_text():
+        with accel.open("a") as f:
+            f.write(LAB_SELECT)
+
+
 def build(v: Variant, dest: Path, max_compiled: list[str] | None) -> Built:
     """Copy the package into ``dest`` and compile the variant's modules there in place; reuse
     the build already in ``dest`` if it was made from the same sources the same way."""
@@ -280,7 +300,10 @@ def build(v: Variant, dest: Path, max_compiled: list[str] | None) -> Built:
         kept = json.loads(stamp.read_text())
         if kept.get("digest") == key:
             log(f"  {v.key}: reusing the build in {dest}")
-            return dataclasses.replace(Built(**kept["built"]), reused=True)
+            run_what_was_built(dest)
+            reused = dataclasses.replace(Built(**kept["built"]), reused=True)
+            reused.load = load_check(dest, list(MAX_MODULES))  # what loads now, not then
+            return reused
     b = build_anew(v, dest, modules)
     if b.ok and v.tool != "tree":
         stamp.write_text(json.dumps({"digest": key, "built": dataclasses.asdict(b)}))
@@ -301,8 +324,11 @@ def build_anew(v: Variant, dest: Path, modules: tuple[str, ...]) -> Built:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.copytree(
-        PACKAGE, dest / "fastproxy", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c")
+        PACKAGE,
+        dest / "fastproxy",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c", "accel.manifest"),
     )
+    run_what_was_built(dest)
     b = Built(v.key, True, path=str(dest))
     if v.tool == "none":
         b.load = load_check(dest, list(MAX_MODULES))
