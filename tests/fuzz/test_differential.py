@@ -97,13 +97,17 @@ def test_differential_agrees_on_plain_requests() -> None:
     assert read_one(HttptoolsLeg, b"GET / HTTP/1.1\r\n\r\n") == ("refused",)
 
 
-@settings(
+#: the generated cases of both differential tests: derandomised, so CI reads the same inputs
+GENERATED = settings(
     max_examples=400,
     derandomize=True,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+@GENERATED
 @given(st.data())
 def test_differential_generated_requests(data: st.DataObject) -> None:
     src = HypothesisSource(data)
@@ -193,13 +197,7 @@ def test_h11_reader_refuses_as_the_connection_does() -> None:
     assert _server_leg_reading(head) == _h11_connection_reading(head)
 
 
-@settings(
-    max_examples=400,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@GENERATED
 @given(st.data())
 def test_h11_reader_generated_requests(data: st.DataObject) -> None:
     src = HypothesisSource(data)
