@@ -389,7 +389,8 @@ def count_calls(b: Built, parser: str) -> None:
     try:
         b.calls[parser] = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        b.calls_error[parser] = tail(out.stderr or out.stdout, 4)
+        # the interpreter's path says nothing about the variant and names the machine
+        b.calls_error[parser] = tail(out.stderr or out.stdout, 4).replace(sys.executable, "python")
 
 
 def counted_calls(parser: str) -> dict[str, float]:
@@ -724,8 +725,15 @@ def main(argv: list[str] | None = None) -> int:
         cmd += f" --runs {args.runs}" if args.runs else ""
         cmd += " --builds DIR" if args.builds else ""
         cmd += "".join(f" --tree {name}=PATH" for name, _ in trees)
-        commands = compare.clean_commands(procs.COMMANDS, tmp)
-        commands = [c.replace(str(builds), "$TMP/variants") for c in commands]
+        # the report names no path of this machine: the builds and each --tree by placeholder
+        places = [(str(builds), "$TMP/variants"), *((str(path), "PATH") for _, path in trees)]
+
+        def placeless(text: str) -> str:
+            for place, name in places:
+                text = text.replace(place, name)
+            return text
+
+        commands = [placeless(c) for c in compare.clean_commands(procs.COMMANDS, tmp)]
         doc = {
             "command": cmd,
             "started": started_at,
@@ -738,9 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             "unavailable": r.unavailable,
             "policy": r.policy,
             "built": json.loads(
-                json.dumps({k: dataclasses.asdict(b) for k, b in built.items()}).replace(
-                    str(builds), "$TMP/variants"
-                )
+                placeless(json.dumps({k: dataclasses.asdict(b) for k, b in built.items()}))
             ),
             "machine": machine(),
             "commands": [
