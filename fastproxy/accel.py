@@ -12,8 +12,9 @@ module of the package is imported. It keeps the compiled modules when
   accelerated install: to compare the two, or to rule the build out while debugging).
 
 Otherwise it puts a finder first on ``sys.meta_path`` that loads the package's modules from
-their ``.py`` sources, so no extension module of the package is ever imported. ``BUILD`` says
-which one runs and why; ``fastproxy version`` and ``fastproxy_build_info`` report it.
+their ``.py`` sources, so no extension module of the package is ever imported.
+``fastproxy.BUILD`` (what ``select`` returned) says which one runs and why; ``fastproxy version``
+and ``fastproxy_build_info`` report it.
 
 Stdlib only, and never compiled itself.
 """
@@ -117,18 +118,17 @@ def decide(environ: Mapping[str, str], package_dir: Path = PACKAGE_DIR) -> Build
     return Build("mypyc", tuple(manifest), "")
 
 
-BUILD = Build("python", (), "not selected yet")
+_selected: Build | None = None
 
 
 def select() -> Build:
     """Decide once per process; with plain Python, make sure no compiled module loads."""
-    global BUILD
-    if BUILD.reason != "not selected yet":
-        return BUILD
-    BUILD = decide(os.environ)
-    if BUILD.kind == "python" and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceFinder())
-    return BUILD
+    global _selected
+    if _selected is None:
+        _selected = decide(os.environ)
+        if _selected.kind == "python":
+            sys.meta_path.insert(0, _SourceFinder())
+    return _selected
 
 
 def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[Any], Any]:
